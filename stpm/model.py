@@ -1,0 +1,114 @@
+"""Teacher and student feature pyramids, the distillation loss and the anomaly map: pure torch.
+
+Both networks are the same timm backbone cut at the pyramid levels we compare; the teacher is
+frozen (ImageNet weights, eval mode), the student starts from random weights. Where the
+student's features disagree with the teacher's, the image is unlike the training images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import StpmError
+
+
+def pyramid_indices(backbone: str, strides: Sequence[int]) -> tuple[int, ...]:
+    """timm out_indices of the deepest feature map at each stride (4, 8, 16 -> layer1..3)."""
+    reductions = timm.create_model(backbone, features_only=True, pretrained=False).feature_info.reduction()
+    indices = []
+    for stride in strides:
+        matches = [index for index, reduction in enumerate(reductions) if reduction == stride]
+        if not matches:
+            raise StpmError(f"{backbone} has no feature map at stride {stride}; it has {reductions}")
+        indices.append(matches[-1])
+    return tuple(indices)
+
+
+class StudentTeacher(nn.Module):
+    """(B, 3, H, W) normalised images -> (teacher features, student features), one per level."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+
+    def train(self, mode: bool = True) -> StudentTeacher:
+        super().train(mode)
+        self.teacher.eval()  # frozen BatchNorm statistics: the teacher never changes
+        return self
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with torch.no_grad():
+            teacher_features = self.teacher(images)
+        return teacher_features, self.student(images)
+
+
+def layer_distances(
+    teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per level 0.5 * ||t/|t| - s/|s|||^2 over channels (= 1 - cosine): (B, 1, h, w) in [0, 2]."""
+    distances = []
+    for teacher, student in zip(teacher_features, student_features, strict=True):
+        difference = F.normalize(teacher, dim=1) - F.normalize(student, dim=1)
+        distances.append(0.5 * difference.pow(2).sum(dim=1, keepdim=True))
+    return distances
+
+
+def feature_loss(
+    teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The paper's loss: per level the mean distance over batch and positions, summed over levels."""
+    return sum(distance.mean() for distance in layer_distances(teacher_features, student_features))
+
+
+def per_image_loss(
+    teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The same loss for each image of the batch: (B,)."""
+    distances = layer_distances(teacher_features, student_features)
+    return sum(distance.mean(dim=(1, 2, 3)) for distance in distances)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, 1, H, W) maps; kernel radius 4 sigma, edges reflected."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+
+
+def anomaly_map(
+    teacher_features: Sequence[torch.Tensor],
+    student_features: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    combine: str = "product",
+    sigma: float = 0.0,
+) -> torch.Tensor:
+    """Per-pixel anomaly (B, 1, H, W): level distances upsampled bilinearly to size, then
+    multiplied (the paper) or summed, then optionally smoothed (sigma in pixels)."""
+    upsampled = [
+        F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
+        for distance in layer_distances(teacher_features, student_features)
+    ]
+    if combine == "product":
+        combined = upsampled[0]
+        for level in upsampled[1:]:
+            combined = combined * level
+    elif combine == "sum":
+        combined = sum(upsampled)
+    else:
+        raise StpmError(f"combine must be 'product' or 'sum', not {combine!r}")
+    return gaussian_blur(combined, sigma) if sigma > 0 else combined
+
+
+def image_scores(maps: torch.Tensor) -> torch.Tensor:
+    """Image score = maximum of its anomaly map: (B, 1, H, W) -> (B,)."""
+    return maps.flatten(1).amax(dim=1)

@@ -1,0 +1,152 @@
+"""The training loop: the student learns the teacher's features on defect-free images.
+
+Paper defaults (Wang et al., BMVC 2021): SGD lr 0.4, momentum 0.9, weight decay 1e-4,
+batch 32, 100 epochs, 256x256 inputs. A held-out slice of train/good is never trained on;
+its losses pick the epoch to keep and its image scores calibrate the threshold.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import data
+from .model import StudentTeacher, anomaly_map, feature_loss, image_scores, per_image_loss
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings; every field is recorded in the run's config.json."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    learning_rate: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    validation_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced besides the student's weights."""
+
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, validation_loss, ...
+    best_epoch: int = 0
+    validation_scores: list[float] = field(default_factory=list)
+    train_images: int = 0
+    validation_images: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def split_validation(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded, fixed split of train/good into (train, validation)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), not {fraction}")
+    count = int(round(fraction * len(paths))) if len(paths) > 1 else 0
+    count = max(count, 1) if fraction > 0 and len(paths) > 1 else count
+    order = np.random.default_rng(seed).permutation(len(paths))
+    validation = sorted(paths[index] for index in order[:count])
+    train = sorted(paths[index] for index in order[count:])
+    return train, validation
+
+
+def train_student(
+    network: StudentTeacher,
+    paths: Sequence[Path],
+    image_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    settings: TrainSettings,
+    map_settings: dict,
+    device: torch.device,
+) -> TrainResult:
+    """Train network.student in place on paths; keeps the epoch with the lowest validation loss."""
+    seed_everything(settings.seed)
+    train_paths, validation_paths = split_validation(
+        paths, settings.validation_fraction, settings.seed
+    )
+    train_images = data.load_resized(train_paths, image_size, desc="decoding train/good")
+    validation_images = data.load_resized(validation_paths, image_size, desc="decoding validation")
+    network.to(device)
+    optimizer = torch.optim.SGD(
+        network.student.parameters(),
+        lr=settings.learning_rate,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+    generator = torch.Generator().manual_seed(settings.seed)
+    result = TrainResult(
+        train_images=len(train_paths), validation_images=[str(path) for path in validation_paths]
+    )
+    best_loss, best_state = float("inf"), None
+    started = time.perf_counter()
+    progress = tqdm(total=settings.epochs * len(train_paths), unit="img", desc="training")
+    for epoch in range(1, settings.epochs + 1):
+        network.train()
+        epoch_started, losses = time.perf_counter(), []
+        order = torch.randperm(len(train_paths), generator=generator)
+        for batch_indices in order.split(settings.batch_size):
+            images = data.normalize(train_images[batch_indices], mean, std).to(device)
+            loss = feature_loss(*network(images))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item() * len(batch_indices))
+            progress.update(len(batch_indices))
+            progress.set_postfix_str(f"epoch {epoch}/{settings.epochs} loss {loss.item():.4f}")
+        record = {
+            "epoch": epoch,
+            "loss": sum(losses) / len(train_paths),
+            "images_per_second": len(train_paths) / (time.perf_counter() - epoch_started),
+        }
+        if validation_paths:
+            record["validation_loss"] = float(
+                _per_image(network, validation_images, mean, std, settings, device).mean()
+            )
+        result.history.append(record)
+        current = record.get("validation_loss", record["loss"])
+        if current < best_loss:
+            best_loss, result.best_epoch = current, epoch
+            best_state = {k: v.detach().clone() for k, v in network.student.state_dict().items()}
+    progress.close()
+    network.student.load_state_dict(best_state)
+    if validation_paths:
+        result.validation_scores = _validation_scores(
+            network, validation_images, mean, std, settings, map_settings, device
+        ).tolist()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.inference_mode()
+def _per_image(network, images, mean, std, settings, device) -> torch.Tensor:
+    network.eval()
+    losses = [
+        per_image_loss(*network(data.normalize(batch, mean, std).to(device))).cpu()
+        for batch in images.split(settings.batch_size)
+    ]
+    return torch.cat(losses)
+
+
+@torch.inference_mode()
+def _validation_scores(network, images, mean, std, settings, map_settings, device) -> torch.Tensor:
+    network.eval()
+    scores = []
+    for batch in images.split(settings.batch_size):
+        features = network(data.normalize(batch, mean, std).to(device))
+        scores.append(image_scores(anomaly_map(*features, batch.shape[1:3], **map_settings)).cpu())
+    return torch.cat(scores)
