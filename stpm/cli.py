@@ -6,15 +6,23 @@ A user's mistake is printed as one line and exits with status 2; nothing else is
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
+import glob
+import json
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from . import data
-from .detector import STPM
+import numpy as np
+from tqdm import tqdm
+
+from . import data, visualize
+from .detector import STPM, Prediction
 from .errors import StpmError
+from .files import atomic_write, atomic_write_text
 
 
 def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
@@ -133,3 +141,160 @@ def _new_run_dir(category: str) -> Path:
     return run_dir
 
 
+
+
+# ---------------------------------------------------------------------- stpm-predict
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stpm-predict",
+        description="Score images with a trained model: heatmap overlays, masks and a CSV.",
+    )
+    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), globs")
+    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
+    parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    parser.add_argument("--threshold", type=float, help="raw-score threshold (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--save-maps", action="store_true", help="also write <stem>_map.npy")
+    parser.add_argument("--no-images", action="store_true", help="CSV and summary only")
+    parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
+    parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
+    return parser
+
+
+@_friendly
+def predict_main(argv: list[str] | None = None) -> int:
+    args = _predict_parser().parse_args(argv)
+    model_path = args.model or latest_model()
+    detector = STPM.load(
+        model_path,
+        device=args.device,
+        teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
+        force=args.force,
+    )
+    threshold = args.threshold if args.threshold is not None else detector.threshold_
+    paths, missing = expand_inputs(args.inputs)
+    if not paths and not missing:
+        raise StpmError(f"no images found in {' '.join(args.inputs)}")
+    base = _common_parent(paths)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, started = [], time.perf_counter()
+    with open(args.out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "normalized_score", "verdict", "error"])
+        for path in missing:
+            rows.append(_write_row(writer, handle, path, None, f"no such file: {path}"))
+        outcomes = detector.predict_iter(paths, threshold=threshold, batch_size=args.batch_size)
+        for source, outcome in tqdm(outcomes, total=len(paths), unit="img", disable=len(paths) <= 3):
+            if isinstance(outcome, StpmError):
+                rows.append(_write_row(writer, handle, source, None, str(outcome)))
+                continue
+            if not args.no_images:
+                _write_images(Path(source), base, args.out, outcome, threshold, args.save_maps)
+            rows.append(_write_row(writer, handle, source, outcome, ""))
+    seconds = time.perf_counter() - started
+    failures = [row for row in rows if row["verdict"] == "error"]
+    summary = {
+        "model": str(model_path),
+        "threshold": threshold,
+        "images": len(rows),
+        "anomalous": sum(row["verdict"] == "anomalous" for row in rows),
+        "good": sum(row["verdict"] == "good" for row in rows),
+        "failed": len(failures),
+        "seconds": round(seconds, 3),
+        "outputs": str(args.out),
+    }
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _print_table(rows, summary)
+    for row in failures:
+        print(f"stpm-predict: error: {row['error']}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def latest_model(root: Path = Path("runs")) -> Path:
+    """The newest runs/**/model.pt, for `stpm-predict image.png` right after `stpm-train`."""
+    models = sorted(root.glob("**/model.pt"), key=lambda path: path.stat().st_mtime)
+    if not models:
+        raise StpmError(f"no trained model under {root}/; train one with stpm-train or pass --model")
+    return models[-1]
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (recursive) and globs -> (image paths in order, inputs that matched nothing)."""
+    paths, missing = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS)
+            if not found:
+                raise StpmError(f"no images in folder {path} (extensions: {', '.join(data.IMAGE_EXTENSIONS)})")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(match) for match in glob.glob(item, recursive=True))
+            paths += [match for match in matches if match.is_file()]
+            if not matches:
+                missing.append(item)
+        else:
+            missing.append(item)
+    return list(dict.fromkeys(paths)), missing
+
+
+def _common_parent(paths: list[Path]) -> Path:
+    """Outputs mirror the inputs' folders below this one, so equal names never collide."""
+    parents = [path.resolve().parent for path in paths]
+    if not parents:
+        return Path(".")
+    common = parents[0]
+    while not all(parent.is_relative_to(common) for parent in parents):
+        common = common.parent
+    return common
+
+
+def _write_images(path: Path, base: Path, out: Path, prediction: Prediction, threshold: float,
+                  save_map: bool) -> None:
+    folder = out / path.resolve().parent.relative_to(base)
+    image = data.read_image(path)
+    verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
+    label = f"{verdict} {prediction.normalized_score:.2f} (raw {prediction.score:.4g})"
+    overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, threshold, label)
+    visualize.write_png(folder / f"{path.stem}_overlay.png", overlay)
+    visualize.write_png(folder / f"{path.stem}_mask.png", prediction.mask.astype(np.uint8) * 255)
+    if save_map:
+        atomic_write(folder / f"{path.stem}_map.npy", lambda temporary: np.save(open(temporary, "wb"), prediction.anomaly_map))
+
+
+def _write_row(writer, handle, source, prediction: Prediction | None, error: str) -> dict:
+    """One CSV line, flushed at once: a crash loses at most the image in flight."""
+    if prediction is None:
+        row = {"path": str(source), "score": "", "normalized_score": "", "verdict": "error", "error": error}
+    else:
+        row = {
+            "path": str(source),
+            "score": f"{prediction.score:.6g}",
+            "normalized_score": f"{prediction.normalized_score:.4f}",
+            "verdict": "anomalous" if prediction.is_anomalous else "good",
+            "error": "",
+        }
+    writer.writerow(row.values())
+    handle.flush()
+    return row
+
+
+def _print_table(rows: list[dict], summary: dict, limit: int = 10) -> None:
+    scored = sorted((row for row in rows if row["score"]), key=lambda row: -float(row["score"]))
+    if scored:
+        width = min(60, max(len(row["path"]) for row in scored[:limit]))
+        print(f"{'image':{width}s}  {'score':>10s}  {'normalised':>10s}  verdict")
+        for row in scored[:limit]:
+            name = row["path"] if len(row["path"]) <= width else "..." + row["path"][-width + 3 :]
+            print(f"{name:{width}s}  {float(row['score']):10.4g}  {float(row['normalized_score']):10.2f}  {row['verdict']}")
+        if len(scored) > limit:
+            print(f"... {len(scored) - limit} more in predictions.csv (highest scores shown)")
+    print(
+        f"{summary['images']} images: {summary['anomalous']} anomalous, {summary['good']} good, "
+        f"{summary['failed']} failed; threshold {summary['threshold']:.4g}; outputs in {summary['outputs']}"
+    )

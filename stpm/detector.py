@@ -22,7 +22,7 @@ from . import data, visualize, weights
 from .errors import StpmError
 from .files import atomic_write, atomic_write_text
 from .model import StudentTeacher, anomaly_map, image_scores, pyramid_indices
-from .train import TrainSettings, train_student
+from .train import TrainSettings, seed_everything, train_student
 
 __version__ = "0.1.0"
 MODEL_FORMAT = "stpm-model"
@@ -90,8 +90,9 @@ class STPM:
     def fit(self, folder: str | Path, run_dir: str | Path | None = None) -> STPM:
         """Train on folder/train/good (an MVTec-style category); write run_dir if given."""
         folder = Path(folder)
-        paths = data.train_images(folder)
         self._check_settings()
+        paths = data.train_images(folder)
+        seed_everything(self.settings.seed)  # the student's random initial weights included
         self.network_ = self._build_network(self.teacher_weights)
         result = train_student(
             self.network_,

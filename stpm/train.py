@@ -75,7 +75,6 @@ def train_student(
     device: torch.device,
 ) -> TrainResult:
     """Train network.student in place on paths; keeps the epoch with the lowest validation loss."""
-    seed_everything(settings.seed)
     train_paths, validation_paths = split_validation(
         paths, settings.validation_fraction, settings.seed
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; inspection boxes and CI have no screen
 
@@ -32,3 +34,40 @@ def plot_loss_curve(history: list[dict], path: str | Path, best_epoch: int | Non
     atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
     plt.close(figure)
     return Path(path)
+
+
+def heatmap_overlay(
+    image: np.ndarray, anomaly_map: np.ndarray, threshold: float, label: str | None = None
+) -> np.ndarray:
+    """RGB uint8 (H, W, 3): the image with its anomaly map in colour on top.
+
+    Colours are fixed relative to the threshold (blue = 0, green-yellow = threshold, red =
+    twice it), so one picture can be compared with another. label goes in the top-left corner.
+    """
+    scaled = np.clip(anomaly_map / (2.0 * threshold), 0.0, 1.0) if threshold > 0 else anomaly_map
+    colours = cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    blended = cv2.addWeighted(image, 0.55, colours, 0.45, 0.0)
+    if label:
+        _put_label(blended, label)
+    return blended
+
+
+def _put_label(image: np.ndarray, text: str) -> None:
+    """White text on a dark box, sized to the image so it is legible at any resolution."""
+    scale = max(0.4, min(image.shape[:2]) / 400)
+    thickness = max(1, int(round(scale * 1.5)))
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(2, int(4 * scale))
+    cv2.rectangle(image, (0, 0), (width + 2 * pad, height + baseline + 2 * pad), (0, 0, 0), -1)
+    cv2.putText(image, text, (pad, height + pad), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                (255, 255, 255), thickness, cv2.LINE_AA)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write an RGB (H, W, 3) or single-channel (H, W) uint8 image as PNG, atomically."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"cannot encode {path} as PNG")
+    return atomic_write(path, lambda temporary: Path(temporary).write_bytes(encoded.tobytes()))

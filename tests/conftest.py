@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny synthetic MVTec-style category and a small model trained on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from stpm import STPM
+
+SHARED_TILES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
+TINY = {"image_size": 64, "epochs": 2, "batch_size": 4, "validation_fraction": 0.25, "seed": 0, "device": "cpu"}
+
+
+def texture(rng: np.random.Generator, size: int = 80) -> np.ndarray:
+    """A smooth grey texture standing in for a defect-free surface: (size, size) uint8."""
+    noise = rng.normal(128, 40, (size // 8, size // 8)).astype(np.float32)
+    smooth = cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
+    return np.clip(smooth + rng.normal(0, 4, (size, size)), 0, 255).astype(np.uint8)
+
+
+def make_category(root: Path, train: int = 12, seed: int = 0) -> Path:
+    """train/good, test/good, test/scratch with masks in ground_truth/scratch."""
+    rng = np.random.default_rng(seed)
+    for index in range(train):
+        _write(root / "train" / "good" / f"{index:03d}.png", texture(rng))
+    for index in range(3):
+        _write(root / "test" / "good" / f"{index:03d}.png", texture(rng))
+        image, mask = texture(rng), np.zeros((80, 80), np.uint8)
+        mask[30:50, 20:60] = 255
+        image[mask > 0] = 255
+        _write(root / "test" / "scratch" / f"{index:03d}.png", image)
+        _write(root / "ground_truth" / "scratch" / f"{index:03d}_mask.png", mask)
+    return root
+
+
+def _write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+
+
+@pytest.fixture(scope="session")
+def category(tmp_path_factory) -> Path:
+    return make_category(tmp_path_factory.mktemp("data") / "tiles")
+
+
+@pytest.fixture(scope="session")
+def trained(category, tmp_path_factory) -> tuple[STPM, Path]:
+    """A tiny model and its run folder, trained once for the whole session."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    return STPM(**TINY).fit(category, run_dir=run_dir), run_dir
+

@@ -1,0 +1,85 @@
+"""The commands as a user types them: a run folder on success, one clear line on a mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stpm.cli import train_main
+
+from .conftest import SHARED_TILES
+
+TINY_FLAGS = ["--image-size", "64", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+
+
+def test_train_writes_a_run_folder(category, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--data", str(category), "--out", str(out), "--seed", "3", *TINY_FLAGS]) == 0
+    assert {path.name for path in out.iterdir()} == {"model.pt", "config.json", "loss_curve.png"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["seed"] == 3 and config["image_size"] == [64, 64]
+    assert "run folder" in capsys.readouterr().out
+
+
+def test_category_under_the_data_root_and_default_run_folder(category, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--category", category.name, "--data-root", str(category.parent), *TINY_FLAGS]
+    assert train_main(argv) == 0
+    runs = list((tmp_path / "runs" / category.name).iterdir())
+    assert len(runs) == 1 and (runs[0] / "model.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "no such folder"),
+        ("no_train", "no train/good folder"),
+        ("empty", "no images in"),
+        ("corrupt", "cannot read"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_status_2(tmp_path, capsys, layout, message):
+    folder = tmp_path / "category"
+    if layout != "missing":
+        folder.mkdir()
+    if layout in ("empty", "corrupt"):
+        (folder / "train" / "good").mkdir(parents=True)
+    if layout == "corrupt":
+        (folder / "train" / "good" / "bad.png").write_bytes(b"\x89PNG broken")
+    assert train_main(["--data", str(folder), "--out", str(tmp_path / "run"), *TINY_FLAGS]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
+    assert error.startswith("stpm-train: error:") and message in error and str(folder) in error
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_bad_backbone_and_missing_category_flag(capsys):
+    assert train_main(["--data", ".", "--backbone", "nonsense_net"]) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+    assert train_main([]) == 2
+    assert "--category" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "stpm-train"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--category" in result.stdout
+
+
+@pytest.mark.skipif(not SHARED_TILES.is_dir(), reason="needs ../shared/datasets/magnetic_tile")
+def test_magnetic_tile_prepared_and_trained(tmp_path):
+    """The real dataset: the fixed split, then one short epoch of stpm-train on it."""
+    prepared = tmp_path / "magnetic_tile"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_magnetic_tile.py"
+    subprocess.run([sys.executable, str(script), str(SHARED_TILES), str(prepared)], check=True,
+                   capture_output=True, timeout=300)
+    assert len(list((prepared / "train" / "good").iterdir())) == 761
+    assert len(list((prepared / "test" / "good").iterdir())) == 191
+    assert len(list((prepared / "ground_truth").rglob("*_mask.png"))) == 392
+    out = tmp_path / "run"
+    argv = ["--data", str(prepared), "--out", str(out), "--epochs", "1", "--image-size", "64"]
+    assert train_main(argv) == 0
+    assert (out / "model.pt").is_file()

@@ -1,0 +1,99 @@
+"""Images of every common kind become RGB uint8; bad folders and files give clear errors."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from stpm import StpmError, data
+
+
+def write(path, image):
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((5, 7), 200, np.uint8),  # grayscale
+        np.full((5, 7, 3), 200, np.uint8),  # BGR on disk
+        np.dstack([np.full((5, 7, 3), 200, np.uint8), np.zeros((5, 7), np.uint8)]),  # with alpha
+        np.full((5, 7), 200 * 257, np.uint16),  # 16-bit
+    ],
+    ids=["gray", "rgb", "rgba", "16bit"],
+)
+def test_any_png_reads_as_rgb_uint8(tmp_path, image):
+    rgb = data.read_image(write(tmp_path / "image.png", image))
+    assert rgb.shape == (5, 7, 3) and rgb.dtype == np.uint8
+    assert (rgb == 200).all()
+
+
+def test_colour_channels_come_back_in_rgb_order(tmp_path):
+    bgr = np.zeros((4, 4, 3), np.uint8)
+    bgr[..., 2] = 255  # red in OpenCV's order
+    rgb = data.read_image(write(tmp_path / "red.png", bgr))
+    assert rgb[0, 0].tolist() == [255, 0, 0]
+
+
+def test_arrays_of_other_types_are_converted():
+    assert data.to_rgb(np.ones((3, 3), np.float32))[0, 0].tolist() == [255, 255, 255]
+    assert data.to_rgb(np.zeros((3, 3, 1), np.uint8)).shape == (3, 3, 3)
+    with pytest.raises(StpmError, match="NaN"):
+        data.to_rgb(np.full((3, 3), np.nan, np.float32))
+    with pytest.raises(StpmError, match="shape"):
+        data.to_rgb(np.zeros((3, 3, 2), np.uint8))
+    with pytest.raises(StpmError, match="pixel type"):
+        data.to_rgb(np.zeros((3, 3), np.int64))
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_unreadable_files_name_the_path(tmp_path, content):
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(StpmError, match="broken.png"):
+        data.read_image(path)
+
+
+def test_normalize_matches_the_formula():
+    images = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)  # (1, 1, 1, 3)
+    out = data.normalize(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert out.shape == (1, 3, 1, 1)
+    assert torch.allclose(out.flatten(), torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]))
+
+
+def test_category_errors_name_the_path(tmp_path):
+    with pytest.raises(StpmError, match="no such folder"):
+        data.train_images(tmp_path / "missing")
+    with pytest.raises(StpmError, match="train/good"):
+        data.train_images(tmp_path)
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    with pytest.raises(StpmError, match="no images in"):
+        data.train_images(tmp_path)
+
+
+def test_category_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("STPM_DATA_ROOT", str(tmp_path))
+    assert data.category_dir("bottle", None, None) == tmp_path / "bottle"
+    assert data.category_dir("bottle", None, "/elsewhere") == data.Path("/elsewhere/bottle")
+    assert data.category_dir(None, "/my/folder", None) == data.Path("/my/folder")
+    with pytest.raises(StpmError, match="--category"):
+        data.category_dir(None, None, None)
+
+
+def test_test_samples_pair_images_with_masks(category):
+    samples = data.test_samples(category)
+    assert {sample.defect for sample in samples} == {"good", "scratch"}
+    assert all((sample.mask is None) == (sample.defect == "good") for sample in samples)
+
+
+def test_download_fails_fast_and_clearly_without_a_network(tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(StpmError, match="cannot download MVTec AD"):
+        data.download_mvtec_category("bottle", tmp_path, url="http://127.0.0.1:9/mvtec.tar.xz")
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "bottle").exists()
