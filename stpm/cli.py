@@ -84,7 +84,9 @@ def _train_parser() -> argparse.ArgumentParser:
     training.add_argument("--momentum", type=float, default=settings.momentum)
     training.add_argument("--weight-decay", type=float, default=settings.weight_decay)
     training.add_argument(
-        "--validation-fraction", type=float, default=settings.validation_fraction,
+        "--validation-fraction",
+        type=float,
+        default=settings.validation_fraction,
         help="share of train/good held out for model selection and the threshold",
     )
     training.add_argument("--seed", type=int, default=settings.seed)
@@ -141,8 +143,6 @@ def _new_run_dir(category: str) -> Path:
     return run_dir
 
 
-
-
 # ---------------------------------------------------------------------- stpm-predict
 
 
@@ -151,10 +151,14 @@ def _predict_parser() -> argparse.ArgumentParser:
         prog="stpm-predict",
         description="Score images with a trained model: heatmap overlays, masks and a CSV.",
     )
-    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), globs")
+    parser.add_argument(
+        "inputs", nargs="+", help="image files, folders (searched recursively), globs"
+    )
     parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
-    parser.add_argument("--threshold", type=float, help="raw-score threshold (default: the model's)")
+    parser.add_argument(
+        "--threshold", type=float, help="raw-score threshold (default: the model's)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--save-maps", action="store_true", help="also write <stem>_map.npy")
@@ -187,7 +191,9 @@ def predict_main(argv: list[str] | None = None) -> int:
         for path in missing:
             rows.append(_write_row(writer, handle, path, None, f"no such file: {path}"))
         outcomes = detector.predict_iter(paths, threshold=threshold, batch_size=args.batch_size)
-        for source, outcome in tqdm(outcomes, total=len(paths), unit="img", disable=len(paths) <= 3):
+        for source, outcome in tqdm(
+            outcomes, total=len(paths), unit="img", disable=len(paths) <= 3
+        ):
             if isinstance(outcome, StpmError):
                 rows.append(_write_row(writer, handle, source, None, str(outcome)))
                 continue
@@ -217,7 +223,9 @@ def latest_model(root: Path = Path("runs")) -> Path:
     """The newest runs/**/model.pt, for `stpm-predict image.png` right after `stpm-train`."""
     models = sorted(root.glob("**/model.pt"), key=lambda path: path.stat().st_mtime)
     if not models:
-        raise StpmError(f"no trained model under {root}/; train one with stpm-train or pass --model")
+        raise StpmError(
+            f"no trained model under {root}/; train one with stpm-train or pass --model"
+        )
     return models[-1]
 
 
@@ -227,9 +235,15 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS)
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS
+            )
             if not found:
-                raise StpmError(f"no images in folder {path} (extensions: {', '.join(data.IMAGE_EXTENSIONS)})")
+                raise StpmError(
+                    f"no images in folder {path} (extensions: {', '.join(data.IMAGE_EXTENSIONS)})"
+                )
             paths += found
         elif path.is_file():
             paths.append(path)
@@ -254,8 +268,9 @@ def _common_parent(paths: list[Path]) -> Path:
     return common
 
 
-def _write_images(path: Path, base: Path, out: Path, prediction: Prediction, threshold: float,
-                  save_map: bool) -> None:
+def _write_images(
+    path: Path, base: Path, out: Path, prediction: Prediction, threshold: float, save_map: bool
+) -> None:
     folder = out / path.resolve().parent.relative_to(base)
     image = data.read_image(path)
     verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
@@ -264,13 +279,27 @@ def _write_images(path: Path, base: Path, out: Path, prediction: Prediction, thr
     visualize.write_png(folder / f"{path.stem}_overlay.png", overlay)
     visualize.write_png(folder / f"{path.stem}_mask.png", prediction.mask.astype(np.uint8) * 255)
     if save_map:
-        atomic_write(folder / f"{path.stem}_map.npy", lambda temporary: np.save(open(temporary, "wb"), prediction.anomaly_map))
+        atomic_write(
+            folder / f"{path.stem}_map.npy",
+            lambda temporary: _write_npy(temporary, prediction.anomaly_map),
+        )
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would append .npy to a bare name
+        np.save(handle, array)
 
 
 def _write_row(writer, handle, source, prediction: Prediction | None, error: str) -> dict:
     """One CSV line, flushed at once: a crash loses at most the image in flight."""
     if prediction is None:
-        row = {"path": str(source), "score": "", "normalized_score": "", "verdict": "error", "error": error}
+        row = {
+            "path": str(source),
+            "score": "",
+            "normalized_score": "",
+            "verdict": "error",
+            "error": error,
+        }
     else:
         row = {
             "path": str(source),
@@ -291,7 +320,9 @@ def _print_table(rows: list[dict], summary: dict, limit: int = 10) -> None:
         print(f"{'image':{width}s}  {'score':>10s}  {'normalised':>10s}  verdict")
         for row in scored[:limit]:
             name = row["path"] if len(row["path"]) <= width else "..." + row["path"][-width + 3 :]
-            print(f"{name:{width}s}  {float(row['score']):10.4g}  {float(row['normalized_score']):10.2f}  {row['verdict']}")
+            print(
+                f"{name:{width}s}  {float(row['score']):10.4g}  {float(row['normalized_score']):10.2f}  {row['verdict']}"
+            )
         if len(scored) > limit:
             print(f"... {len(scored) - limit} more in predictions.csv (highest scores shown)")
     print(

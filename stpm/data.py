@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .errors import StpmError
@@ -61,6 +62,15 @@ def read_image(path: str | Path) -> np.ndarray:
         raise StpmError(f"cannot read {path}: {error}") from None
 
 
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file's header alone, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError) as error:
+        raise StpmError(f"cannot read {path}: {error}") from None
+
+
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """Any image array to RGB uint8 (H, W, 3).
 
@@ -100,7 +110,9 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a float (h, w) map bilinearly to size = (height, width), back to an image's own size."""
     height, width = size
-    return cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(
+        anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+    )
 
 
 def normalize(
@@ -112,7 +124,9 @@ def normalize(
     return (images.permute(0, 3, 1, 2).float() - mean_tensor) / std_tensor
 
 
-def load_resized(paths: Sequence[Path], size: tuple[int, int], desc: str = "loading") -> torch.Tensor:
+def load_resized(
+    paths: Sequence[Path], size: tuple[int, int], desc: str = "loading"
+) -> torch.Tensor:
     """Decode and resize every image once: uint8 (N, H, W, 3).
 
     Training has no random augmentation, so this cache is exact and spares a decode per epoch.
@@ -129,7 +143,9 @@ def load_resized(paths: Sequence[Path], size: tuple[int, int], desc: str = "load
 def list_images(folder: Path) -> list[Path]:
     """The image files directly inside folder, sorted by name."""
     return sorted(
-        path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+        path
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
@@ -212,9 +228,11 @@ def download_mvtec_category(
             f"elsewhere and unpack it so that {target}/train/good exists"
         ) from None
     total = int(response.headers.get("Content-Length") or 0) or None
-    with tempfile.TemporaryDirectory(dir=root) as staging, response, tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"MVTec AD ({category})"
-    ) as progress:
+    with (
+        tempfile.TemporaryDirectory(dir=root) as staging,
+        response,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"MVTec AD ({category})") as progress,
+    ):
         progress_stream = _ProgressReader(response, progress)
         found = False
         with tarfile.open(fileobj=progress_stream, mode="r|xz") as archive:

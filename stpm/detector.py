@@ -167,7 +167,7 @@ class STPM:
         """One Prediction per image. images: a path (file or folder), a list of paths,
         an (H, W[, C]) numpy image, a list of them, or a (B, C, H, W) tensor in [0, 1]."""
         predictions = []
-        for source, outcome in self.predict_iter(_as_inputs(images), threshold, batch_size):
+        for _, outcome in self.predict_iter(_as_inputs(images), threshold, batch_size):
             if isinstance(outcome, StpmError):
                 raise outcome
             predictions.append(outcome)
@@ -178,10 +178,12 @@ class STPM:
         inputs: Iterable[str | Path | np.ndarray],
         threshold: float | None = None,
         batch_size: int | None = None,
+        full_resolution: bool = True,
     ) -> Iterator[tuple[str | None, Prediction | StpmError]]:
         """Yield (source, Prediction or the error that stopped that image), in input order.
 
         One bad image does not stop the others: the caller decides what an error means.
+        full_resolution=False keeps maps at the model's input size (cheaper, for evaluation).
         """
         self._check_fitted()
         threshold = self.threshold_ if threshold is None else float(threshold)
@@ -194,32 +196,39 @@ class STPM:
             try:
                 image = data.read_image(item) if source is not None else data.to_rgb(item)
             except StpmError as error:
-                yield from self._run_batch(pending, threshold)
+                yield from self._run_batch(pending, threshold, full_resolution)
                 pending = []
                 yield source, error
                 continue
             pending.append((source, image))
             if len(pending) == batch_size:
-                yield from self._run_batch(pending, threshold)
+                yield from self._run_batch(pending, threshold, full_resolution)
                 pending = []
-        yield from self._run_batch(pending, threshold)
+        yield from self._run_batch(pending, threshold, full_resolution)
 
-    def _run_batch(self, batch, threshold: float) -> Iterator[tuple[str | None, Prediction]]:
+    def _run_batch(
+        self, batch, threshold: float, full_resolution: bool
+    ) -> Iterator[tuple[str | None, Prediction]]:
         if not batch:
             return
         resized = np.stack([data.resize(image, self.input_size_) for _, image in batch])
         maps = self.anomaly_maps(torch.from_numpy(resized))
         scores = image_scores(maps).tolist()
-        for (source, image), small_map, score in zip(batch, maps[:, 0].numpy(), scores, strict=True):
-            height, width = image.shape[:2]
-            full_map = data.resize_map(small_map, (height, width))
-            yield source, Prediction(
-                path=source,
-                score=score,
-                normalized_score=self.normalize_score(score, threshold),
-                anomaly_map=full_map,
-                mask=full_map > threshold,
-                is_anomalous=score > threshold,
+        for (source, image), small_map, score in zip(
+            batch, maps[:, 0].numpy(), scores, strict=True
+        ):
+            if full_resolution:
+                small_map = data.resize_map(small_map, image.shape[:2])
+            yield (
+                source,
+                Prediction(
+                    path=source,
+                    score=score,
+                    normalized_score=self.normalize_score(score, threshold),
+                    anomaly_map=small_map,
+                    mask=small_map > threshold,
+                    is_anomalous=score > threshold,
+                ),
             )
 
     @torch.inference_mode()
@@ -381,7 +390,9 @@ def _read_model_file(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
         raise StpmError(f"{path} is not a readable stpm model file ({first_line[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise StpmError(f"{path} is not an stpm model file")

@@ -12,7 +12,9 @@ def atomic_write(target: str | Path, write: Callable[[str], object]) -> Path:
     """Call write(temporary_path) beside target, then rename it over target in one step."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
     os.close(handle)
     try:
         write(temporary)

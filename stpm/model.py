@@ -19,12 +19,16 @@ from .errors import StpmError
 
 def pyramid_indices(backbone: str, strides: Sequence[int]) -> tuple[int, ...]:
     """timm out_indices of the deepest feature map at each stride (4, 8, 16 -> layer1..3)."""
-    reductions = timm.create_model(backbone, features_only=True, pretrained=False).feature_info.reduction()
+    reductions = timm.create_model(
+        backbone, features_only=True, pretrained=False
+    ).feature_info.reduction()
     indices = []
     for stride in strides:
         matches = [index for index, reduction in enumerate(reductions) if reduction == stride]
         if not matches:
-            raise StpmError(f"{backbone} has no feature map at stride {stride}; it has {reductions}")
+            raise StpmError(
+                f"{backbone} has no feature map at stride {stride}; it has {reductions}"
+            )
         indices.append(matches[-1])
     return tuple(indices)
 

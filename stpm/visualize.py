@@ -45,7 +45,9 @@ def heatmap_overlay(
     twice it), so one picture can be compared with another. label goes in the top-left corner.
     """
     scaled = np.clip(anomaly_map / (2.0 * threshold), 0.0, 1.0) if threshold > 0 else anomaly_map
-    colours = cv2.cvtColor(cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    colours = cv2.cvtColor(
+        cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB
+    )
     blended = cv2.addWeighted(image, 0.55, colours, 0.45, 0.0)
     if label:
         _put_label(blended, label)
@@ -59,8 +61,16 @@ def _put_label(image: np.ndarray, text: str) -> None:
     (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     pad = max(2, int(4 * scale))
     cv2.rectangle(image, (0, 0), (width + 2 * pad, height + baseline + 2 * pad), (0, 0, 0), -1)
-    cv2.putText(image, text, (pad, height + pad), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                (255, 255, 255), thickness, cv2.LINE_AA)
+    cv2.putText(
+        image,
+        text,
+        (pad, height + pad),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        (255, 255, 255),
+        thickness,
+        cv2.LINE_AA,
+    )
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:

@@ -51,7 +51,9 @@ def packaged_weights_file(backbone: str) -> Path | None:
         return None
     module_name, class_name = PACKAGED_WEIGHTS[backbone]
     try:
-        source = Path(getattr(importlib.import_module(module_name), class_name).get_model_file_path())
+        source = Path(
+            getattr(importlib.import_module(module_name), class_name).get_model_file_path()
+        )
     except ImportError:
         return None
     target = cache_dir() / f"{backbone}-{_file_sha256(source)[:12]}.pth"
@@ -109,14 +111,18 @@ def create_backbone(
     features = {} if out_indices is None else {"features_only": True, "out_indices": out_indices}
     if weights_file is False:
         return timm.create_model(backbone, pretrained=False, **features)
-    overlay = {} if weights_file is None else {"pretrained_cfg_overlay": {"file": str(weights_file)}}
+    overlay = (
+        {} if weights_file is None else {"pretrained_cfg_overlay": {"file": str(weights_file)}}
+    )
     builder_log = logging.getLogger("timm.models._builder")
     level = builder_log.level
     builder_log.setLevel(logging.ERROR)  # the dropped classifier head is expected, not news
     try:
         return timm.create_model(backbone, pretrained=True, **features, **overlay)
     except RuntimeError as error:  # state dict of another architecture
-        raise StpmError(f"weights in {weights_file} do not fit {backbone}: {str(error)[:200]}") from None
+        raise StpmError(
+            f"weights in {weights_file} do not fit {backbone}: {str(error)[:200]}"
+        ) from None
     except (OSError, ValueError) as error:
         raise StpmError(f"cannot load ImageNet weights for {backbone}: {error}") from None
     finally:
@@ -128,7 +134,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 

@@ -11,7 +11,14 @@ import pytest
 from stpm import STPM
 
 SHARED_TILES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
-TINY = {"image_size": 64, "epochs": 2, "batch_size": 4, "validation_fraction": 0.25, "seed": 0, "device": "cpu"}
+TINY = {
+    "image_size": 64,
+    "epochs": 2,
+    "batch_size": 4,
+    "validation_fraction": 0.25,
+    "seed": 0,
+    "device": "cpu",
+}
 
 
 def texture(rng: np.random.Generator, size: int = 80) -> np.ndarray:
@@ -51,4 +58,3 @@ def trained(category, tmp_path_factory) -> tuple[STPM, Path]:
     """A tiny model and its run folder, trained once for the whole session."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     return STPM(**TINY).fit(category, run_dir=run_dir), run_dir
-

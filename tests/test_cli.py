@@ -74,8 +74,12 @@ def test_magnetic_tile_prepared_and_trained(tmp_path):
     """The real dataset: the fixed split, then one short epoch of stpm-train on it."""
     prepared = tmp_path / "magnetic_tile"
     script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_magnetic_tile.py"
-    subprocess.run([sys.executable, str(script), str(SHARED_TILES), str(prepared)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(script), str(SHARED_TILES), str(prepared)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert len(list((prepared / "train" / "good").iterdir())) == 761
     assert len(list((prepared / "test" / "good").iterdir())) == 191
     assert len(list((prepared / "ground_truth").rglob("*_mask.png"))) == 392

@@ -68,8 +68,20 @@ def test_model_file_holds_what_it_claims(trained):
 def test_run_folder_records_every_setting(trained):
     model, run_dir = trained
     config = json.loads((run_dir / "config.json").read_text())
-    for key in ("backbone", "strides", "image_size", "epochs", "batch_size", "learning_rate",
-                "momentum", "weight_decay", "validation_fraction", "seed", "teacher", "data"):
+    for key in (
+        "backbone",
+        "strides",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "momentum",
+        "weight_decay",
+        "validation_fraction",
+        "seed",
+        "teacher",
+        "data",
+    ):
         assert key in config
     assert config["learning_rate"] == 0.4 and config["epochs"] == TINY["epochs"]
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -67,8 +67,12 @@ def test_teacher_weights_file_is_used_and_fingerprinted(tmp_path):
     source = weights.create_backbone("resnet18", None, False)
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
-    teacher = weights.create_backbone("resnet18", (1, 2, 3), weights.resolve_weights_file("resnet18", path))
-    assert torch.equal(teacher.state_dict()["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
+    teacher = weights.create_backbone(
+        "resnet18", (1, 2, 3), weights.resolve_weights_file("resnet18", path)
+    )
+    assert torch.equal(
+        teacher.state_dict()["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"]
+    )
     other = weights.create_backbone("resnet18", (1, 2, 3), False)
     assert weights.weights_fingerprint(teacher) != weights.weights_fingerprint(other)
 
