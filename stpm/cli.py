@@ -329,3 +329,31 @@ def _print_table(rows: list[dict], summary: dict, limit: int = 10) -> None:
         f"{summary['images']} images: {summary['anomalous']} anomalous, {summary['good']} good, "
         f"{summary['failed']} failed; threshold {summary['threshold']:.4g}; outputs in {summary['outputs']}"
     )
+
+
+# ---------------------------------------------------------------------- stpm-eval
+
+
+@_friendly
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stpm-eval",
+        description="Image AUROC, pixel AUROC, PRO and F1-max on a category's test/ set, with a report.",
+    )
+    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
+    _add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    from .evaluation import evaluate, format_table, write_report
+
+    detector = STPM.load(args.model or latest_model(), device=args.device)
+    folder = data.category_dir(args.category, args.data, args.data_root)
+    if not folder.is_dir():
+        raise StpmError(f"no such folder: {folder}")
+    evaluation = evaluate(detector, folder, batch_size=args.batch_size)
+    write_report(evaluation, detector.threshold_, args.out)
+    print(format_table(evaluation.metrics))
+    print(f"report: {args.out / 'report.md'}")
+    return 0

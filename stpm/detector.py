@@ -246,7 +246,8 @@ class STPM:
         reference = self.validation_mean_ if self.validation_mean_ is not None else 0.0
         if reference >= threshold:
             reference = 0.0
-        return float(np.clip(0.5 * (score - reference) / (threshold - reference), 0.0, 1.0))
+        spread = max(threshold - reference, 1e-12)  # a zero threshold makes every score 1
+        return float(np.clip(0.5 * (score - reference) / spread, 0.0, 1.0))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "network_"):
@@ -311,6 +312,10 @@ class STPM:
         if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
             teacher_weights = source[5:]
         model.network_ = model._build_network(teacher_weights)
+        try:
+            model.network_.student.load_state_dict(state["student"])
+        except RuntimeError:
+            raise StpmError(f"{path}: student weights do not fit {state['backbone']}") from None
         if model.teacher_["sha256"] != state["teacher"]["sha256"] and not force:
             raise StpmError(
                 f"{path} was trained with other teacher weights ({source}, sha256 "
@@ -318,10 +323,6 @@ class STPM:
                 f"({model.teacher_['source']}, {model.teacher_['sha256'][:12]}); its scores would "
                 "be meaningless. Pass the right --teacher-weights, or --force"
             )
-        try:
-            model.network_.student.load_state_dict(state["student"])
-        except RuntimeError:
-            raise StpmError(f"{path}: student weights do not fit {state['backbone']}") from None
         model.teacher_ = dict(state["teacher"]) if force else model.teacher_
         model.history_ = state["history"]
         model.best_epoch_ = state["best_epoch"]

@@ -7,16 +7,19 @@ resolution and adds it to the pixel histograms.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
-from . import data, metrics
+from . import data, metrics, visualize
 from .detector import STPM
 from .errors import StpmError
+from .files import atomic_write_text
 
 
 @dataclass
@@ -56,22 +59,30 @@ def evaluate(detector: STPM, category: Path, batch_size: int | None = None) -> E
             raise outcome
         scores.append(outcome.score)
         maps.append(outcome.anomaly_map)
-    sizes = [data.image_shape(sample.path) for sample in samples]  # headers only, no decoding
     scores, maps = np.asarray(scores), np.stack(maps)
+    results, pixel_roc = summarize(samples, scores, maps)
+    return Evaluation(results, samples, scores, maps, pixel_roc)
+
+
+def summarize(
+    samples: list[data.TestSample], scores: np.ndarray, maps: np.ndarray
+) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """Metrics from image scores (N,) and anomaly maps (N, h, w) of any detector.
+
+    Each map is upsampled bilinearly to its image's own size before the pixel metrics, the
+    same way for every method compared.
+    """
+    sizes = [data.image_shape(sample.path) for sample in samples]  # headers only, no decoding
     edges = metrics.score_bins(maps[:, ::2, ::2].ravel())
     defects = sorted({sample.defect for sample in samples} - {"good"})
     overall = metrics.PixelAccumulator(edges)
     per_defect = {defect: metrics.PixelAccumulator(edges) for defect in defects}
+    pairs = zip(samples, maps, sizes, strict=True)
     for sample, small_map, size in tqdm(
-        zip(samples, maps, sizes, strict=True),
-        total=len(samples),
-        desc="pixel metrics",
-        leave=False,
+        pairs, total=len(samples), desc="pixel metrics", leave=False
     ):
-        full_map = data.resize_map(small_map, size)
         mask = read_mask(sample.mask, size)
-        if mask.shape != full_map.shape:
-            full_map = data.resize_map(small_map, mask.shape)
+        full_map = data.resize_map(small_map, mask.shape)
         overall.add(full_map, mask)
         for defect in defects if sample.defect == "good" else [sample.defect]:
             per_defect[defect].add(full_map, mask)
@@ -85,7 +96,7 @@ def evaluate(detector: STPM, category: Path, batch_size: int | None = None) -> E
             **_summary(labels[chosen], scores[chosen], per_defect[defect]),
         }
     results["images"] = {"good": int((labels == 0).sum()), "defective": int(labels.sum())}
-    return Evaluation(results, samples, scores, maps, overall.roc())
+    return results, overall.roc()
 
 
 def _summary(labels: np.ndarray, scores: np.ndarray, pixels: metrics.PixelAccumulator) -> dict:
@@ -97,3 +108,93 @@ def _summary(labels: np.ndarray, scores: np.ndarray, pixels: metrics.PixelAccumu
         "f1_max": f1,
         "f1_max_threshold": f1_threshold,
     }
+
+
+def write_report(
+    evaluation: Evaluation, threshold: float | None, out: Path, examples: int = 3
+) -> Path:
+    """metrics.json, roc.png, histogram.png, heatmaps.png and report.md (a table and the pictures)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluation.metrics
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
+    labels, scores = evaluation.labels, evaluation.scores
+    fpr, tpr, _ = roc_curve(labels, scores)
+    pixel_fpr, pixel_tpr = evaluation.pixel_roc
+    visualize.roc_curves(
+        {
+            "image": (fpr, tpr, results["image_auroc"]),
+            "pixel": (pixel_fpr, pixel_tpr, results["pixel_auroc"]),
+        },
+        out / "roc.png",
+    )
+    visualize.score_histogram(
+        scores[labels == 0], scores[labels == 1], threshold, out / "histogram.png"
+    )
+    visualize.comparison_grid(_examples(evaluation, threshold, examples), out / "heatmaps.png")
+    atomic_write_text(out / "report.md", _markdown(results))
+    return out
+
+
+def _examples(evaluation: Evaluation, threshold: float | None, count: int) -> list:
+    """The best-found defects, the worst-missed defects and the worst false alarms."""
+    labels, scores = evaluation.labels, evaluation.scores
+    defective, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    picks = [(i, "best found") for i in defective[np.argsort(-scores[defective])][:count]]
+    picks += [(i, "worst missed") for i in defective[np.argsort(scores[defective])][:count]]
+    picks += [(i, "false alarm") for i in good[np.argsort(-scores[good])][:count]]
+    reference = threshold or float(np.quantile(scores, 0.5))
+    rows = []
+    for index, kind in picks:
+        sample = evaluation.samples[index]
+        image = data.read_image(sample.path)
+        full_map = data.resize_map(evaluation.maps[index], image.shape[:2])
+        mask = read_mask(sample.mask, image.shape[:2]).astype(np.uint8) * 255
+        overlay = visualize.heatmap_overlay(image, full_map, reference, f"{scores[index]:.3g}")
+        rows.append((f"{kind}\n{sample.defect}/{sample.path.name}", image, mask, overlay))
+    return rows
+
+
+def _markdown(results: dict) -> str:
+    keys = ("image_auroc", "pixel_auroc", "pro", "f1_max")
+    header = "| defect | images | image AUROC | pixel AUROC | PRO (FPR <= 0.3) | F1-max |\n"
+    header += "| --- | --- | --- | --- | --- | --- |\n"
+    rows = [
+        f"| {name} | {values['images']} | "
+        + " | ".join(f"{values[key]:.3f}" for key in keys)
+        + " |"
+        for name, values in results["per_defect"].items()
+    ]
+    total = results["images"]["defective"]
+    rows.append(
+        "| **all** | "
+        + f"{total} | "
+        + " | ".join(f"**{results[key]:.3f}**" for key in keys)
+        + " |"
+    )
+    return (
+        "# Evaluation\n\n"
+        f"{results['images']['good']} good and {total} defective test images; per-defect rows "
+        "compare that defect's images with all good ones.\n\n" + header + "\n".join(rows) + "\n\n"
+        "![ROC curves](roc.png)\n\n![Score histogram](histogram.png)\n\n"
+        "![Best and worst heatmaps](heatmaps.png)\n"
+    )
+
+
+def format_table(results: dict) -> str:
+    """The per-defect table as plain text, for the terminal."""
+    keys = ("image_auroc", "pixel_auroc", "pro", "f1_max")
+    lines = [
+        f"{'defect':14s} {'images':>6s} {'img AUROC':>9s} {'px AUROC':>9s} {'PRO':>7s} {'F1-max':>7s}"
+    ]
+    for name, values in [
+        *results["per_defect"].items(),
+        ("all", {**results, "images": results["images"]["defective"]}),
+    ]:
+        lines.append(
+            f"{name:14s} {values['images']:6d} "
+            + " ".join(
+                f"{values[key]:9.3f}" if i < 2 else f"{values[key]:7.3f}"
+                for i, key in enumerate(keys)
+            )
+        )
+    return "\n".join(lines)

@@ -31,9 +31,7 @@ def plot_loss_curve(history: list[dict], path: str | Path, best_epoch: int | Non
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
-    plt.close(figure)
-    return Path(path)
+    return _save(figure, path)
 
 
 def heatmap_overlay(
@@ -81,3 +79,65 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     if not ok:
         raise ValueError(f"cannot encode {path} as PNG")
     return atomic_write(path, lambda temporary: Path(temporary).write_bytes(encoded.tobytes()))
+
+
+def comparison_grid(
+    rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path
+) -> Path:
+    """One row per image: the image, its ground-truth mask, the heatmap overlay. PNG."""
+    figure, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), dpi=100, squeeze=False)
+    for row_axes, (title, image, mask, overlay) in zip(axes, rows, strict=True):
+        for axis, picture, name in zip(
+            row_axes, (image, mask, overlay), ("image", "ground truth", "anomaly map"), strict=True
+        ):
+            axis.imshow(
+                picture,
+                cmap="gray" if picture.ndim == 2 else None,
+                vmin=0,
+                vmax=255 if picture.dtype == np.uint8 else 1,
+            )
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title(name, fontsize=9)
+        row_axes[0].set_ylabel(title, fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path) -> Path:
+    """ROC curves, one per name: (false-positive rate, true-positive rate, AUROC)."""
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    for name, (fpr, tpr, area) in curves.items():
+        axis.plot(fpr, tpr, label=f"{name} (AUROC {area:.3f})")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("false-positive rate")
+    axis.set_ylabel("true-positive rate")
+    axis.legend(loc="lower right")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def score_histogram(
+    good: np.ndarray, defective: np.ndarray, threshold: float | None, path: str | Path
+) -> Path:
+    """Image scores of good and defective test images, with the model's threshold."""
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    bins = np.histogram_bin_edges(np.r_[good, defective], bins=40)
+    axis.hist(good, bins=bins, alpha=0.6, label=f"good ({len(good)})", color="tab:blue")
+    axis.hist(
+        defective, bins=bins, alpha=0.6, label=f"defective ({len(defective)})", color="tab:red"
+    )
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    axis.set_xlabel("image score (max of the anomaly map)")
+    axis.set_ylabel("images")
+    axis.legend()
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _save(figure, path: str | Path) -> Path:
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
+    plt.close(figure)
+    return Path(path)

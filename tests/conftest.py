@@ -13,7 +13,7 @@ from stpm import STPM
 SHARED_TILES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 TINY = {
     "image_size": 64,
-    "epochs": 2,
+    "epochs": 10,
     "batch_size": 4,
     "validation_fraction": 0.25,
     "seed": 0,
