@@ -6,6 +6,7 @@ Folder layout (MVTec AD): <category>/train/good/*.png, <category>/test/<defect>/
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tarfile
@@ -24,6 +25,8 @@ from tqdm import tqdm
 
 from .errors import StpmError
 
+# Larger images are refused before decoding: a 20000 x 20000 header would ask for 1.2 GB.
+MAX_IMAGE_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +52,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise StpmError(f"cannot read {path}: {error.strerror or error}") from None
     if encoded.size == 0:
         raise StpmError(f"cannot read {path}: the file is empty")
+    _check_pixel_count(path, encoded)
     image = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise StpmError(f"cannot read {path}: not a decodable image (corrupt or unsupported)")
@@ -60,6 +64,20 @@ def read_image(path: str | Path) -> np.ndarray:
         return to_rgb(image)
     except StpmError as error:
         raise StpmError(f"cannot read {path}: {error}") from None
+
+
+def _check_pixel_count(path: Path, encoded: np.ndarray) -> None:
+    """Refuse images over MAX_IMAGE_PIXELS from their header, before decoding a single pixel."""
+    try:
+        with Image.open(io.BytesIO(encoded.tobytes())) as header:
+            height, width = header.height, header.width
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return  # a format PIL cannot parse: OpenCV decides (it has its own 2**30 pixel cap)
+    if height * width > MAX_IMAGE_PIXELS:
+        raise StpmError(
+            f"cannot read {path}: {width} x {height} pixels is over the limit of "
+            f"{MAX_IMAGE_PIXELS:,} (stpm.data.MAX_IMAGE_PIXELS); downscale it first"
+        )
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:

@@ -97,3 +97,12 @@ def test_download_fails_fast_and_clearly_without_a_network(tmp_path):
         data.download_mvtec_category("bottle", tmp_path, url="http://127.0.0.1:9/mvtec.tar.xz")
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "bottle").exists()
+
+
+def test_huge_images_are_refused_from_their_header(tmp_path, monkeypatch):
+    path = write(tmp_path / "big.png", np.zeros((300, 400), np.uint8))
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(StpmError, match="400 x 300 pixels is over the limit"):
+        data.read_image(path)
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 120_000)
+    assert data.read_image(path).shape == (300, 400, 3)

@@ -224,3 +224,25 @@ def test_cli_folder_without_images(trained, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert predict_main([str(tmp_path / "empty"), "--model", str(run_dir / "model.pt")]) == 2
     assert "no images in folder" in capsys.readouterr().err
+
+
+class WritesAFile:
+    """A pickle payload that runs code when unpickled: it would create a file."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_malicious_model_file_runs_no_code(tmp_path):
+    target = tmp_path / "pwned.txt"
+    path = tmp_path / "model.pt"
+    torch.save({"format": "stpm-model", "payload": WritesAFile(target)}, path, pickle_protocol=2)
+    assert not target.exists()
+    with pytest.raises(StpmError, match="not a readable stpm model file"):
+        STPM.load(path)
+    assert not target.exists()
+    torch.load(path, weights_only=False)  # proof the payload is real: full unpickling runs it
+    assert target.exists()
