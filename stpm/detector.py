@@ -324,6 +324,7 @@ class STPM:
                 "be meaningless. Pass the right --teacher-weights, or --force"
             )
         model.teacher_ = dict(state["teacher"]) if force else model.teacher_
+        model.mean_, model.std_ = tuple(state["mean"]), tuple(state["std"])
         model.history_ = state["history"]
         model.best_epoch_ = state["best_epoch"]
         model._set_validation(state["validation"]["scores"])
@@ -334,25 +335,16 @@ class STPM:
         """model.pt, config.json (every setting used) and loss_curve.png in one folder."""
         run_dir.mkdir(parents=True, exist_ok=True)
         self.save(run_dir / "model.pt")
+        state = {k: v for k, v in self.to_dict().items() if k not in ("student", "history")}
+        settings = state.pop("settings")
         config = {
             "data": str(folder.resolve()),
-            "backbone": self.backbone,
-            "strides": list(self.strides),
-            "out_indices": list(self.out_indices_),
-            "image_size": list(self.input_size_),
-            "mean": list(self.mean_),
-            "std": list(self.std_),
-            "combine": self.combine,
-            "smoothing_sigma": self.smoothing_sigma,
-            "teacher": self.teacher_,
+            **state,
+            **settings,
             "device": str(self.device_),
-            **dataclasses.asdict(self.settings),
             "train_images": self.train_images_,
             "validation_images": self.validation_images_,
-            "best_epoch": self.best_epoch_,
-            "threshold": self.threshold_,
             "training_seconds": round(self.training_seconds_, 2),
-            "stpm_version": __version__,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
