@@ -66,6 +66,12 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--download", action="store_true", help="fetch the MVTec AD category first if missing"
     )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run where it stopped",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=defaults.backbone, help="any timm CNN")
     model.add_argument(
@@ -100,6 +106,8 @@ def _train_parser() -> argparse.ArgumentParser:
 @_friendly
 def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
+    if args.resume:
+        return _report_training(STPM.resume(args.resume), args.resume)
     folder = data.category_dir(args.category, args.data, args.data_root)
     if args.download and not folder.is_dir():
         if not args.category:
@@ -124,6 +132,10 @@ def train_main(argv: list[str] | None = None) -> int:
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
         device=args.device,
     ).fit(folder, run_dir=run_dir)
+    return _report_training(detector, run_dir)
+
+
+def _report_training(detector: STPM, run_dir: Path) -> int:
     last = detector.history_[-1]
     print(
         f"trained {detector.backbone} on {detector.train_images_} images in "

@@ -27,6 +27,7 @@ from .train import TrainSettings, seed_everything, train_student
 __version__ = "0.1.0"
 MODEL_FORMAT = "stpm-model"
 MODEL_FORMAT_VERSION = 1
+CHECKPOINT = "checkpoint.pt"
 THRESHOLD_SIGMAS = 3.0  # default threshold = mean + 3 std of defect-free validation scores
 
 
@@ -87,8 +88,27 @@ class STPM:
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, folder: str | Path, run_dir: str | Path | None = None) -> STPM:
-        """Train on folder/train/good (an MVTec-style category); write run_dir if given."""
+    def get_params(self) -> dict:
+        """The constructor's arguments, as scikit-learn estimators report them."""
+        return {
+            "backbone": self.backbone,
+            "strides": list(self.strides),
+            "image_size": self.image_size,
+            "combine": self.combine,
+            "smoothing_sigma": self.smoothing_sigma,
+            **dataclasses.asdict(self.settings),
+            "teacher_weights": self.teacher_weights,
+            "device": self.device,
+        }
+
+    def fit(
+        self, folder: str | Path, run_dir: str | Path | None = None, resume: dict | None = None
+    ) -> STPM:
+        """Train on folder/train/good (an MVTec-style category).
+
+        With run_dir, a checkpoint is written there after every epoch (atomically), and the
+        model file, config.json and loss curve at the end. resume: a checkpoint to continue.
+        """
         folder = Path(folder)
         self._check_settings()
         paths = data.train_images(folder)
@@ -103,6 +123,8 @@ class STPM:
             self.settings,
             self._map_settings(),
             self.device_,
+            checkpoint=None if run_dir is None else self._checkpoint_writer(Path(run_dir), folder),
+            resume=resume,
         )
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
@@ -113,6 +135,25 @@ class STPM:
         if run_dir is not None:
             self._write_run(Path(run_dir), folder)
         return self
+
+    def _checkpoint_writer(self, run_dir: Path, folder: Path):
+        def write(state: dict) -> None:
+            state = {**state, "estimator": self.get_params(), "data": str(folder.resolve())}
+            atomic_write(run_dir / CHECKPOINT, lambda temporary: torch.save(state, temporary))
+
+        return write
+
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> STPM:
+        """Continue an interrupted run from run_dir/checkpoint.pt, with the settings it had."""
+        path = Path(run_dir) / CHECKPOINT
+        if not path.is_file():
+            raise StpmError(f"no checkpoint to resume in {run_dir} (expected {path})")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+            raise StpmError(f"{path} is not a readable checkpoint ({error})") from None
+        return cls(**state["estimator"]).fit(state["data"], run_dir=run_dir, resume=state)
 
     def _check_settings(self) -> None:
         if not weights.backbone_exists(self.backbone):

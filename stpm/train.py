@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +73,14 @@ def train_student(
     settings: TrainSettings,
     map_settings: dict,
     device: torch.device,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> TrainResult:
-    """Train network.student in place on paths; keeps the epoch with the lowest validation loss."""
+    """Train network.student in place on paths; keeps the epoch with the lowest validation loss.
+
+    checkpoint(state) is called after every epoch with everything needed to continue; passing
+    that state back as resume continues the run exactly where it stopped (same final weights).
+    """
     train_paths, validation_paths = split_validation(
         paths, settings.validation_fraction, settings.seed
     )
@@ -92,10 +98,22 @@ def train_student(
     result = TrainResult(
         train_images=len(train_paths), validation_images=[str(path) for path in validation_paths]
     )
-    best_loss, best_state = float("inf"), None
-    started = time.perf_counter()
-    progress = tqdm(total=settings.epochs * len(train_paths), unit="img", desc="training")
-    for epoch in range(1, settings.epochs + 1):
+    best_loss, best_state, first_epoch, elapsed = float("inf"), None, 1, 0.0
+    if resume is not None:
+        network.student.load_state_dict(resume["student"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        result.history, result.best_epoch = list(resume["history"]), resume["best_epoch"]
+        best_loss, best_state = resume["best_loss"], resume["best_student"]
+        first_epoch, elapsed = resume["epoch"] + 1, resume["seconds"]
+    started = time.perf_counter() - elapsed
+    progress = tqdm(
+        total=settings.epochs * len(train_paths),
+        initial=(first_epoch - 1) * len(train_paths),
+        unit="img",
+        desc="training",
+    )
+    for epoch in range(first_epoch, settings.epochs + 1):
         network.train()
         epoch_started, losses = time.perf_counter(), []
         order = torch.randperm(len(train_paths), generator=generator)
@@ -126,6 +144,20 @@ def train_student(
         if current < best_loss:
             best_loss, result.best_epoch = current, epoch
             best_state = {k: v.detach().clone() for k, v in network.student.state_dict().items()}
+        if checkpoint is not None:
+            checkpoint(
+                {
+                    "epoch": epoch,
+                    "student": network.student.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "history": result.history,
+                    "best_epoch": result.best_epoch,
+                    "best_loss": best_loss,
+                    "best_student": best_state,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
     progress.close()
     network.student.load_state_dict(best_state)
     if validation_paths:

@@ -19,7 +19,12 @@ TINY_FLAGS = ["--image-size", "64", "--epochs", "1", "--batch-size", "4", "--dev
 def test_train_writes_a_run_folder(category, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(["--data", str(category), "--out", str(out), "--seed", "3", *TINY_FLAGS]) == 0
-    assert {path.name for path in out.iterdir()} == {"model.pt", "config.json", "loss_curve.png"}
+    assert {path.name for path in out.iterdir()} == {
+        "model.pt",
+        "config.json",
+        "loss_curve.png",
+        "checkpoint.pt",
+    }
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 3 and config["image_size"] == [64, 64]
     assert "run folder" in capsys.readouterr().out
