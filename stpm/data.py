@@ -68,16 +68,18 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def _check_pixel_count(path: Path, encoded: np.ndarray) -> None:
     """Refuse images over MAX_IMAGE_PIXELS from their header, before decoding a single pixel."""
+    limit = (
+        f"over the limit of {MAX_IMAGE_PIXELS:,} (stpm.data.MAX_IMAGE_PIXELS); downscale it first"
+    )
     try:
         with Image.open(io.BytesIO(encoded.tobytes())) as header:
             height, width = header.height, header.width
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return  # a format PIL cannot parse: OpenCV decides (it has its own 2**30 pixel cap)
+    except Image.DecompressionBombError:  # Pillow's own cap, above ours: too big either way
+        raise StpmError(f"cannot read {path}: its pixel count is {limit}") from None
+    except (OSError, ValueError, SyntaxError):
+        return  # a format Pillow cannot parse: OpenCV decides (it has its own 2**30 pixel cap)
     if height * width > MAX_IMAGE_PIXELS:
-        raise StpmError(
-            f"cannot read {path}: {width} x {height} pixels is over the limit of "
-            f"{MAX_IMAGE_PIXELS:,} (stpm.data.MAX_IMAGE_PIXELS); downscale it first"
-        )
+        raise StpmError(f"cannot read {path}: {width} x {height} pixels is {limit}")
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:
