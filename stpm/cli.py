@@ -12,6 +12,7 @@ import glob
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +32,14 @@ def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str]
     @functools.wraps(command)
     def run(argv: list[str] | None = None) -> int:
         name = command.__name__.removesuffix("_main").replace("_", "-")
+
+        def one_line(message, category, *args, **kwargs) -> None:
+            print(f"stpm-{name}: warning: {message}", file=sys.stderr)
+
         try:
-            return command(argv)
+            with warnings.catch_warnings():
+                warnings.showwarning = one_line
+                return command(argv)
         except StpmError as error:
             print(f"stpm-{name}: error: {error}", file=sys.stderr)
             return 2

@@ -6,6 +6,7 @@ Folder layout (MVTec AD): <category>/train/good/*.png, <category>/test/<defect>/
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -152,8 +153,19 @@ def load_resized(
     Training has no random augmentation, so this cache is exact and spares a decode per epoch.
     """
     batch = torch.empty((len(paths), size[0], size[1], 3), dtype=torch.uint8)
+    failures = []
     for index, path in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
-        batch[index] = torch.from_numpy(resize(read_image(path), size))
+        try:
+            batch[index] = torch.from_numpy(resize(read_image(path), size))
+        except StpmError as error:
+            failures.append(str(error))
+    if failures:  # all of them at once, not one per attempt
+        shown = "; ".join(failures[:3]) + (
+            f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+        )
+        raise StpmError(
+            f"{len(failures)} unreadable training image(s), fix or remove them: {shown}"
+        )
     return batch
 
 
@@ -221,6 +233,66 @@ def test_samples(category: Path) -> list[TestSample]:
     if not samples:
         raise StpmError(f"no images under {test}")
     return samples
+
+
+@dataclass
+class DataReport:
+    """What check_category found. Nothing here stops training; unreadable images do (later)."""
+
+    warnings: list[str]
+
+
+def check_category(category: Path) -> DataReport:
+    """Checks before training, from file bytes and headers only (no decoding).
+
+    Warned about, not fatal: duplicate files in train/good (wasted work), test images identical
+    to a training image (evaluation would flatter the model), masks whose size differs from
+    their image, masks with no image, masks for test/good, defect images without a mask.
+    Unreadable training images stop training when they are decoded (all listed at once).
+    """
+    warnings = []
+    train = train_images(category)
+    by_content: dict[str, list[Path]] = {}
+    for path in train:
+        by_content.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path)
+    duplicates = [paths for paths in by_content.values() if len(paths) > 1]
+    if duplicates:
+        warnings.append(
+            f"{sum(len(p) - 1 for p in duplicates)} duplicate image(s) in train/good, e.g. "
+            + " = ".join(path.name for path in duplicates[0])
+        )
+    if not (category / "test").is_dir():
+        return DataReport(warnings)
+    samples = test_samples(category)
+    leaked = [
+        s.path for s in samples if hashlib.sha256(s.path.read_bytes()).hexdigest() in by_content
+    ]
+    if leaked:
+        warnings.append(f"{len(leaked)} test image(s) also in train/good, e.g. {leaked[0]}")
+    mismatched = []
+    for sample in samples:
+        if sample.mask is not None and image_shape(sample.mask) != image_shape(sample.path):
+            mismatched.append(sample.mask)
+    if mismatched:
+        warnings.append(
+            f"{len(mismatched)} mask(s) of another size than their image, e.g. {mismatched[0]}"
+        )
+    expected = {s.mask for s in samples if s.mask is not None}
+    truth = category / "ground_truth"
+    masks = set(truth.rglob("*_mask.png")) if truth.is_dir() else set()
+    orphans = sorted(masks - expected)
+    if orphans:
+        warnings.append(f"{len(orphans)} mask(s) with no matching image, e.g. {orphans[0]}")
+    good_masks = [s.mask for s in samples if s.defect == "good" and s.mask is not None]
+    if good_masks:
+        warnings.append(f"{len(good_masks)} mask(s) for test/good images, e.g. {good_masks[0]}")
+    unmasked = [s.path for s in samples if s.defect != "good" and s.mask is None]
+    if unmasked:
+        warnings.append(
+            f"{len(unmasked)} defect image(s) without a mask (pixel metrics count them as "
+            f"all-good pixels), e.g. {unmasked[0]}"
+        )
+    return DataReport(warnings)
 
 
 # ----------------------------------------------------------------------------- download

@@ -112,6 +112,9 @@ class STPM:
         folder = Path(folder)
         self._check_settings()
         paths = data.train_images(folder)
+        self.data_warnings_ = data.check_category(folder).warnings
+        for message in self.data_warnings_:
+            warnings.warn(f"{folder}: {message}", stacklevel=2)
         seed_everything(self.settings.seed)  # the student's random initial weights included
         self.network_ = self._build_network(self.teacher_weights)
         result = train_student(

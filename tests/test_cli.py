@@ -92,3 +92,15 @@ def test_magnetic_tile_prepared_and_trained(tmp_path):
     argv = ["--data", str(prepared), "--out", str(out), "--epochs", "1", "--image-size", "64"]
     assert train_main(argv) == 0
     assert (out / "model.pt").is_file()
+
+
+def test_data_warnings_are_one_line_each_and_training_goes_on(tmp_path, capsys):
+    from .conftest import make_category
+
+    root = make_category(tmp_path / "tiles")
+    first = sorted((root / "train" / "good").iterdir())[0]
+    (root / "train" / "good" / "copy.png").write_bytes(first.read_bytes())
+    assert train_main(["--data", str(root), "--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("stpm-train: warning:")
+    assert "1 duplicate image(s) in train/good" in warnings[0]

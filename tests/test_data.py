@@ -106,3 +106,37 @@ def test_huge_images_are_refused_from_their_header(tmp_path, monkeypatch):
         data.read_image(path)
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 120_000)
     assert data.read_image(path).shape == (300, 400, 3)
+
+
+def test_data_checks_warn_with_one_summary(tmp_path):
+    from .conftest import make_category
+
+    root = make_category(tmp_path / "tiles")
+    assert data.check_category(root).warnings == []
+    train = sorted((root / "train" / "good").iterdir())
+    (root / "train" / "good" / "copy.png").write_bytes(train[0].read_bytes())
+    (root / "test" / "good" / "leak.png").write_bytes(train[1].read_bytes())
+    write(root / "ground_truth" / "scratch" / "000_mask.png", np.zeros((10, 10), np.uint8))
+    write(root / "ground_truth" / "scratch" / "orphan_mask.png", np.zeros((80, 80), np.uint8))
+    (root / "ground_truth" / "good").mkdir()
+    write(root / "ground_truth" / "good" / "000_mask.png", np.zeros((80, 80), np.uint8))
+    (root / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    found = " | ".join(data.check_category(root).warnings)
+    for expected in (
+        "1 duplicate image(s) in train/good",
+        "1 test image(s) also in train/good",
+        "1 mask(s) of another size",
+        "1 mask(s) with no matching image",
+        "1 mask(s) for test/good",
+        "1 defect image(s) without a mask",
+    ):
+        assert expected in found
+
+
+def test_unreadable_training_images_are_listed_together(tmp_path):
+    paths = [write(tmp_path / "ok.png", np.zeros((8, 8), np.uint8))]
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"broken")
+        paths.append(tmp_path / name)
+    with pytest.raises(StpmError, match=r"2 unreadable training image\(s\).*a\.png.*b\.png"):
+        data.load_resized(paths, (8, 8))
