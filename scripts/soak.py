@@ -1,0 +1,98 @@
+"""Soak test: predict over thousands of generated images in one process; memory must stay flat.
+
+Usage: python scripts/soak.py [--images 3000] [--model MODEL] [--out scripts/results/soak.json]
+
+Without --model a small model (64 px, 2 epochs) is trained on generated textures first. The
+resident set size (VmRSS) is sampled every --every images while stpm-predict's path (decode,
+batch, score, full-resolution map) runs over the folder. Writes the curve as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from stpm import STPM
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def generate(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """count grey textures of varied sizes (60-140 px a side) as PNG files."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        height, width = rng.integers(60, 140, size=2)
+        small = rng.normal(128, 40, (height // 8 + 1, width // 8 + 1)).astype(np.float32)
+        image = np.clip(cv2.resize(small, (int(width), int(height))), 0, 255).astype(np.uint8)
+        path = folder / f"{index:05d}.png"
+        cv2.imwrite(str(path), image)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        if args.model:
+            model = STPM.load(args.model)
+        else:
+            generate(root / "tiles" / "train" / "good", 16, seed=1)
+            model = STPM(image_size=64, epochs=2, batch_size=8, validation_fraction=0.25).fit(
+                root / "tiles"
+            )
+        paths = generate(root / "soak", args.images)
+        curve, started = [(0, rss_mb())], time.perf_counter()
+        for index, (_, outcome) in enumerate(model.predict_iter(paths, batch_size=16), start=1):
+            assert not isinstance(outcome, Exception), outcome
+            if index % args.every == 0 or index == len(paths):
+                curve.append((index, rss_mb()))
+        seconds = time.perf_counter() - started
+    after_warmup = curve[max(1, len(curve) // 3)][1]
+    result = {
+        "images": args.images,
+        "seconds": round(seconds, 1),
+        "rss_mb": [[index, round(mb, 1)] for index, mb in curve],
+        "rss_after_first_third_mb": round(after_warmup, 1),
+        "rss_end_mb": round(curve[-1][1], 1),
+        "growth_after_first_third_mb": round(curve[-1][1] - after_warmup, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Soak: memory over a long prediction run",
+        "",
+        f"`python scripts/soak.py --images {args.images}`: {args.images} generated images "
+        f"in {result['seconds']} s, one process.",
+        "",
+        "| images scored | RSS MB |",
+        "| --- | --- |",
+        *[f"| {index} | {mb:.1f} |" for index, mb in curve],
+        "",
+        f"Growth after the first third: {result['growth_after_first_third_mb']} MB.",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rss_mb"}))
+
+
+if __name__ == "__main__":
+    main()
