@@ -182,21 +182,28 @@ def _predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--save-maps", action="store_true", help="also write <stem>_map.npy")
     parser.add_argument("--no-images", action="store_true", help="CSV and summary only")
+    _add_teacher_arguments(parser)
+    return parser
+
+
+def _add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
     parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
-    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[STPM, Path]:
+    """The model of --model (or the newest run) and its path, with the teacher options applied."""
+    path = args.model or latest_model()
+    teacher_weights = str(args.teacher_weights) if args.teacher_weights else None
+    return STPM.load(
+        path, device=args.device, teacher_weights=teacher_weights, force=args.force
+    ), path
 
 
 @_friendly
 def predict_main(argv: list[str] | None = None) -> int:
     args = _predict_parser().parse_args(argv)
-    model_path = args.model or latest_model()
-    detector = STPM.load(
-        model_path,
-        device=args.device,
-        teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
-        force=args.force,
-    )
+    detector, model_path = _load(args)
     threshold = args.threshold if args.threshold is not None else detector.threshold_
     paths, missing = expand_inputs(args.inputs)
     if not paths and not missing:
@@ -364,10 +371,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_teacher_arguments(parser)
     args = parser.parse_args(argv)
     from .evaluation import evaluate, format_table, write_report
 
-    detector = STPM.load(args.model or latest_model(), device=args.device)
+    detector, _ = _load(args)
     folder = data.category_dir(args.category, args.data, args.data_root)
     if not folder.is_dir():
         raise StpmError(f"no such folder: {folder}")
