@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,10 @@ __version__ = "0.1.0"
 MODEL_FORMAT = "stpm-model"
 MODEL_FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
+MODEL_KEYS = {
+    "backbone", "strides", "image_size", "mean", "std", "combine", "smoothing_sigma",
+    "teacher", "validation", "threshold", "settings", "history", "best_epoch", "student",
+}  # fmt: skip
 THRESHOLD_SIGMAS = 3.0  # default threshold = mean + 3 std of defect-free validation scores
 
 
@@ -152,10 +155,7 @@ class STPM:
         path = Path(run_dir) / CHECKPOINT
         if not path.is_file():
             raise StpmError(f"no checkpoint to resume in {run_dir} (expected {path})")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-            raise StpmError(f"{path} is not a readable checkpoint ({error})") from None
+        state = load_untrusted(path, "checkpoint")
         return cls(**state["estimator"]).fit(state["data"], run_dir=run_dir, resume=state)
 
     def _check_settings(self) -> None:
@@ -420,19 +420,31 @@ def _describe_source(backbone: str, weights_file: Path | None, explicit: str | N
     return "timm-hub-cache"
 
 
+def load_untrusted(path: Path, what: str):
+    """torch.load with weights_only=True: plain tensors and containers, never arbitrary code.
+
+    Garbage makes torch's restricted unpickler fail in many ways (IndexError, KeyError, ...),
+    so any exception here means the same thing to the user: not a readable file of ours.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "unusual pickle protocol" noise on garbage input
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise StpmError(f"{path} is not a readable {what} ({first_line[:160]})") from None
+
+
 def _read_model_file(path: Path) -> dict:
     """torch.load with weights_only=True: a crafted pickle cannot run code here."""
     if not path.is_file():
         raise StpmError(f"model file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
-        raise StpmError(f"{path} is not a readable stpm model file ({first_line[:160]})") from None
+    state = load_untrusted(path, "stpm model file")
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise StpmError(f"{path} is not an stpm model file")
+    missing = sorted(MODEL_KEYS - set(state))
+    if missing:
+        raise StpmError(f"{path} is an incomplete stpm model file (no {', '.join(missing)})")
     if state.get("format_version", 0) > MODEL_FORMAT_VERSION:
         raise StpmError(
             f"{path} was written by a newer stpm ({state.get('stpm_version')}); upgrade stpm"

@@ -13,12 +13,13 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from stpm import StpmError, data
+from stpm import STPM, StpmError, data
 
 TRIED: Counter = Counter()
 FAST = settings(
@@ -114,6 +115,20 @@ def test_one_by_one_and_huge_dimensions(tmp_path):
     assert load(tmp_path, encoded(np.zeros((1, 1), np.uint8), ".png")).shape == (1, 1, 3)
     with pytest.raises(StpmError, match="over the limit"):
         data.read_image(_write(tmp_path, png_header(20000, 20000)))
+
+
+@FAST
+@given(content=st.binary(max_size=1024), zipped=st.booleans())
+def test_random_model_files(tmp_path, content, zipped):
+    """Garbage, and garbage inside torch's zip container, is refused with StpmError."""
+    TRIED["model files"] += 1
+    path = tmp_path / "model.pt"
+    if zipped:  # torch's own container around garbage
+        torch.save({"format": "stpm-model"}, path)
+        content = path.read_bytes()[: len(content)] + content
+    path.write_bytes(content)
+    with pytest.raises(StpmError):
+        STPM.load(path)
 
 
 ARRAYS = hnp.arrays(

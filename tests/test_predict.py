@@ -184,7 +184,10 @@ def resnet_teacher(tmp_path):
     [
         (lambda run, tmp: tmp / "nothing.pt", "not found"),
         (
-            lambda run, tmp: (tmp / "random.pt").write_bytes(os.urandom(256)) and tmp / "random.pt",
+            lambda run, tmp: (
+                (tmp / "random.pt").write_bytes(np.random.default_rng(0).bytes(256))
+                and tmp / "random.pt"
+            ),
             "not a readable stpm model file",
         ),
         (
