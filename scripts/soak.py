@@ -44,6 +44,46 @@ def generate(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def summarize(curve: list[tuple[int, float]], images: int, seconds: float) -> dict:
+    """A leak grows with the images scored: compare the median RSS of the second and last thirds.
+
+    Single samples mislead: RSS swings by a batch's buffers as the allocator reuses memory, and
+    a batch of a new shape (the last, smaller one) may allocate once.
+    """
+    third = max(1, len(curve) // 3)
+    middle = float(np.median([mb for _, mb in curve[third : 2 * third]]))
+    last = float(np.median([mb for _, mb in curve[2 * third :]]))
+    return {
+        "images": images,
+        "seconds": round(seconds, 1),
+        "rss_mb": [[index, round(mb, 1)] for index, mb in curve],
+        "median_second_third_mb": round(middle, 1),
+        "median_last_third_mb": round(last, 1),
+        "growth_mb": round(last - middle, 1),
+        "peak_mb": round(max(mb for _, mb in curve), 1),
+    }
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Soak: memory over a long prediction run",
+        "",
+        f"`python scripts/soak.py --images {result['images']}`: {result['images']} generated "
+        f"images in {result['seconds']} s, one process.",
+        "",
+        "| images scored | RSS MB |",
+        "| --- | --- |",
+        *[f"| {index} | {mb:.1f} |" for index, mb in result["rss_mb"]],
+        "",
+        f"Median RSS over the second third {result['median_second_third_mb']} MB, over the last "
+        f"third {result['median_last_third_mb']} MB: growth {result['growth_mb']} MB "
+        f"(peak {result['peak_mb']} MB).",
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000)
@@ -67,33 +107,8 @@ def main() -> None:
             if index % args.every == 0 or index == len(paths):
                 curve.append((index, rss_mb()))
         seconds = time.perf_counter() - started
-    # RSS swings by a batch buffer as the allocator reuses memory; a leak shows as a rising peak
-    third = max(1, len(curve) // 3)
-    early_peak, late_peak = max(mb for _, mb in curve[:third]), max(mb for _, mb in curve[third:])
-    result = {
-        "images": args.images,
-        "seconds": round(seconds, 1),
-        "rss_mb": [[index, round(mb, 1)] for index, mb in curve],
-        "peak_first_third_mb": round(early_peak, 1),
-        "peak_rest_mb": round(late_peak, 1),
-        "peak_growth_mb": round(late_peak - early_peak, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = [
-        "# Soak: memory over a long prediction run",
-        "",
-        f"`python scripts/soak.py --images {args.images}`: {args.images} generated images "
-        f"in {result['seconds']} s, one process.",
-        "",
-        "| images scored | RSS MB |",
-        "| --- | --- |",
-        *[f"| {index} | {mb:.1f} |" for index, mb in curve],
-        "",
-        f"Peak RSS in the first third {early_peak:.1f} MB, afterwards {late_peak:.1f} MB: "
-        f"growth {result['peak_growth_mb']} MB.",
-    ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    result = summarize(curve, args.images, seconds)
+    write(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "rss_mb"}))
 
 

@@ -23,4 +23,4 @@ def test_memory_stays_flat_while_predicting(tmp_path):
     )
     result = json.loads(out.read_text())
     assert result["rss_mb"][-1][0] == 600
-    assert result["peak_growth_mb"] < 25
+    assert result["growth_mb"] < 25
