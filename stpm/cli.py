@@ -261,11 +261,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS
-            )
+            found = data.list_images(path, recursive=True)
             if not found:
                 raise StpmError(
                     f"no images in folder {path} (extensions: {', '.join(data.IMAGE_EXTENSIONS)})"

@@ -172,13 +172,10 @@ def load_resized(
 # ----------------------------------------------------------------------------- folders
 
 
-def list_images(folder: Path) -> list[Path]:
-    """The image files directly inside folder, sorted by name."""
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """The image files inside folder (and its sub-folders if recursive), sorted by path."""
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def data_root(explicit: str | Path | None = None) -> Path:

@@ -34,7 +34,12 @@ class Evaluation:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([sample.defect != "good" for sample in self.samples], dtype=int)
+        return defect_labels(self.samples)
+
+
+def defect_labels(samples: list[data.TestSample]) -> np.ndarray:
+    """1 for a defective test image, 0 for a good one: (N,) int."""
+    return np.array([sample.defect != "good" for sample in samples], dtype=int)
 
 
 def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
@@ -86,7 +91,7 @@ def summarize(
         overall.add(full_map, mask)
         for defect in defects if sample.defect == "good" else [sample.defect]:
             per_defect[defect].add(full_map, mask)
-    labels = np.array([sample.defect != "good" for sample in samples], dtype=int)
+    labels = defect_labels(samples)
     results = _summary(labels, scores, overall)
     results["per_defect"] = {}
     for defect in defects:

@@ -81,22 +81,21 @@ class PixelAccumulator:
         """Pixel AUROC from the histograms (ties within a bin count one half), via scikit-learn."""
         if not self.positives.any() or not self.negatives.any():
             return float("nan")
-        bins = np.arange(len(self.negatives))
-        labels = np.r_[np.zeros_like(bins), np.ones_like(bins)]
-        return float(
-            roc_auc_score(
-                labels, np.r_[bins, bins], sample_weight=np.r_[self.negatives, self.positives]
-            )
-        )
+        labels, scores, counts = self._as_samples()
+        return float(roc_auc_score(labels, scores, sample_weight=counts))
 
     def roc(self) -> tuple[np.ndarray, np.ndarray]:
         """(false-positive rate, true-positive rate) of pixels, thresholds from high to low."""
+        labels, scores, counts = self._as_samples()
+        fpr, tpr, _ = roc_curve(labels, scores, sample_weight=counts)
+        return fpr, tpr
+
+    def _as_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The histograms as scikit-learn's (labels, scores, sample_weight): one row per bin and
+        class, the bin index as score, the pixel count as weight."""
         bins = np.arange(len(self.negatives))
         labels = np.r_[np.zeros_like(bins), np.ones_like(bins)]
-        fpr, tpr, _ = roc_curve(
-            labels, np.r_[bins, bins], sample_weight=np.r_[self.negatives, self.positives]
-        )
-        return fpr, tpr
+        return labels, np.r_[bins, bins], np.r_[self.negatives, self.positives]
 
     def pro(self, fpr_limit: float = PRO_FPR_LIMIT) -> float:
         """Per-region overlap averaged over regions, integrated over FPR in [0, limit] / limit."""
