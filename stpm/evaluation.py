@@ -159,27 +159,33 @@ def _examples(evaluation: Evaluation, threshold: float | None, count: int) -> li
     return rows
 
 
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max")
+
+
+def _table_rows(results: dict) -> list[tuple[str, int, list[float]]]:
+    """(defect, defective images, metrics in METRIC_KEYS order) per defect, then 'all'."""
+    rows = [
+        (name, values["images"], [values[key] for key in METRIC_KEYS])
+        for name, values in results["per_defect"].items()
+    ]
+    rows.append(("all", results["images"]["defective"], [results[key] for key in METRIC_KEYS]))
+    return rows
+
+
 def _markdown(results: dict) -> str:
-    keys = ("image_auroc", "pixel_auroc", "pro", "f1_max")
     header = "| defect | images | image AUROC | pixel AUROC | PRO (FPR <= 0.3) | F1-max |\n"
     header += "| --- | --- | --- | --- | --- | --- |\n"
     rows = [
-        f"| {name} | {values['images']} | "
-        + " | ".join(f"{values[key]:.3f}" for key in keys)
-        + " |"
-        for name, values in results["per_defect"].items()
+        f"| {name} | {images} | " + " | ".join(f"{value:.3f}" for value in values) + " |"
+        for name, images, values in _table_rows(results)
     ]
-    total = results["images"]["defective"]
-    rows.append(
-        "| **all** | "
-        + f"{total} | "
-        + " | ".join(f"**{results[key]:.3f}**" for key in keys)
-        + " |"
-    )
     return (
         "# Evaluation\n\n"
-        f"{results['images']['good']} good and {total} defective test images; per-defect rows "
-        "compare that defect's images with all good ones.\n\n" + header + "\n".join(rows) + "\n\n"
+        f"{results['images']['good']} good and {results['images']['defective']} defective test "
+        "images; per-defect rows compare that defect's images with all good ones.\n\n"
+        + header
+        + "\n".join(rows)
+        + "\n\n"
         "![ROC curves](roc.png)\n\n![Score histogram](histogram.png)\n\n"
         "![Best and worst heatmaps](heatmaps.png)\n"
     )
@@ -187,19 +193,11 @@ def _markdown(results: dict) -> str:
 
 def format_table(results: dict) -> str:
     """The per-defect table as plain text, for the terminal."""
-    keys = ("image_auroc", "pixel_auroc", "pro", "f1_max")
     lines = [
         f"{'defect':14s} {'images':>6s} {'img AUROC':>9s} {'px AUROC':>9s} {'PRO':>7s} {'F1-max':>7s}"
     ]
-    for name, values in [
-        *results["per_defect"].items(),
-        ("all", {**results, "images": results["images"]["defective"]}),
-    ]:
+    for name, images, (image_auroc, pixel_auroc, pro, f1) in _table_rows(results):
         lines.append(
-            f"{name:14s} {values['images']:6d} "
-            + " ".join(
-                f"{values[key]:9.3f}" if i < 2 else f"{values[key]:7.3f}"
-                for i, key in enumerate(keys)
-            )
+            f"{name:14s} {images:6d} {image_auroc:9.3f} {pixel_auroc:9.3f} {pro:7.3f} {f1:7.3f}"
         )
     return "\n".join(lines)
