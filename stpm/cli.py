@@ -91,7 +91,11 @@ def _train_parser() -> argparse.ArgumentParser:
     model.add_argument("--combine", choices=["product", "sum"], default=defaults.combine)
     model.add_argument("--smoothing-sigma", type=float, default=defaults.smoothing_sigma)
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=settings.epochs)
+    training.add_argument(
+        "--epochs",
+        type=int,
+        help=f"{settings.epochs} for a new run; with --resume, train that run longer",
+    )
     training.add_argument("--batch-size", type=int, default=settings.batch_size)
     training.add_argument("--lr", type=float, default=settings.learning_rate)
     training.add_argument("--momentum", type=float, default=settings.momentum)
@@ -114,7 +118,7 @@ def _train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     if args.resume:
-        return _report_training(STPM.resume(args.resume), args.resume)
+        return _report_training(STPM.resume(args.resume, args.epochs), args.resume)
     folder = data.category_dir(args.category, args.data, args.data_root)
     if args.download and not folder.is_dir():
         if not args.category:
@@ -129,7 +133,7 @@ def train_main(argv: list[str] | None = None) -> int:
         image_size=args.image_size[0] if len(args.image_size) == 1 else args.image_size,
         combine=args.combine,
         smoothing_sigma=args.smoothing_sigma,
-        epochs=args.epochs,
+        epochs=args.epochs or STPM().settings.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         momentum=args.momentum,

@@ -150,13 +150,22 @@ class STPM:
         return write
 
     @classmethod
-    def resume(cls, run_dir: str | Path) -> STPM:
-        """Continue an interrupted run from run_dir/checkpoint.pt, with the settings it had."""
+    def resume(cls, run_dir: str | Path, epochs: int | None = None) -> STPM:
+        """Continue an interrupted run from run_dir/checkpoint.pt, with the settings it had.
+
+        epochs: train a run longer than it was set to. With no learning-rate schedule, 20 epochs
+        then 30 more give the same weights as 50 from the start.
+        """
         path = Path(run_dir) / CHECKPOINT
         if not path.is_file():
             raise StpmError(f"no checkpoint to resume in {run_dir} (expected {path})")
         state = load_untrusted(path, "checkpoint")
-        return cls(**state["estimator"]).fit(state["data"], run_dir=run_dir, resume=state)
+        params = dict(state["estimator"])
+        if epochs is not None:
+            if epochs < state["epoch"]:
+                raise StpmError(f"{run_dir} has already trained {state['epoch']} epochs")
+            params["epochs"] = epochs
+        return cls(**params).fit(state["data"], run_dir=run_dir, resume=state)
 
     def _check_settings(self) -> None:
         if not weights.backbone_exists(self.backbone):
@@ -356,8 +365,10 @@ class STPM:
         if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
             teacher_weights = source[5:]
         model.network_ = model._build_network(teacher_weights)
+        student = model.network_.student
+        known = student.state_dict().keys()  # files before 0.2 also hold the unused blocks
         try:
-            model.network_.student.load_state_dict(state["student"])
+            student.load_state_dict({k: v for k, v in state["student"].items() if k in known})
         except RuntimeError:
             raise StpmError(f"{path}: student weights do not fit {state['backbone']}") from None
         if model.teacher_["sha256"] != state["teacher"]["sha256"] and not force:

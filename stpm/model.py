@@ -38,8 +38,8 @@ class StudentTeacher(nn.Module):
 
     def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
         super().__init__()
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.student = student
+        self.teacher = drop_unused_blocks(teacher).eval().requires_grad_(False)
+        self.student = drop_unused_blocks(student)
 
     def train(self, mode: bool = True) -> StudentTeacher:
         super().train(mode)
@@ -50,6 +50,25 @@ class StudentTeacher(nn.Module):
         with torch.no_grad():
             teacher_features = self.teacher(images)
         return teacher_features, self.student(images)
+
+
+def drop_unused_blocks(features: nn.Module) -> nn.Module:
+    """Cut the blocks after the deepest level we compare, in place.
+
+    timm's EfficientNet and MobileNet feature extractors run every block even when the deepest
+    level asked for is at stride 16: for EfficientNet-Lite0 at strides 4/8/16 that is a third of
+    the FLOPs spent on stride-32 blocks whose output is thrown away. (timm's generic wrapper,
+    used for ResNets, already stops at the last level.)
+    """
+    blocks = getattr(features, "blocks", None)
+    names = features.feature_info.module_name() if hasattr(features, "feature_info") else []
+    if not isinstance(blocks, nn.Sequential) or not names:
+        return features
+    if not all(name.startswith("blocks.") for name in names):
+        return features
+    deepest = max(int(name.split(".")[1]) for name in names)
+    features.blocks = blocks[: deepest + 1]
+    return features
 
 
 def layer_distances(

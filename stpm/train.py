@@ -86,7 +86,8 @@ def train_student(
     )
     train_images = data.load_resized(train_paths, image_size, desc="decoding train/good")
     validation_images = data.load_resized(validation_paths, image_size, desc="decoding validation")
-    network.to(device)
+    # channels-last runs the student's backward pass about 1.4x faster on CPU (oneDNN)
+    network.to(device, memory_format=torch.channels_last)
     teacher_cache = cache_teacher_features(network, train_images, mean, std, settings, device)
     optimizer = torch.optim.SGD(
         network.student.parameters(),
@@ -118,7 +119,7 @@ def train_student(
         epoch_started, losses = time.perf_counter(), []
         order = torch.randperm(len(train_paths), generator=generator)
         for batch_indices in order.split(settings.batch_size):
-            images = data.normalize(train_images[batch_indices], mean, std).to(device)
+            images = _batch(train_images[batch_indices], mean, std, device)
             if teacher_cache is None:
                 loss = feature_loss(*network(images))
             else:
@@ -165,7 +166,14 @@ def train_student(
             network, validation_images, mean, std, settings, map_settings, device
         ).tolist()
     result.seconds = time.perf_counter() - started
+    network.to(memory_format=torch.contiguous_format)  # single images run faster that way
     return result
+
+
+def _batch(images: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised channels-last (B, 3, H, W) on device."""
+    normalized = data.normalize(images, mean, std).to(device)
+    return normalized.contiguous(memory_format=torch.channels_last)
 
 
 TEACHER_CACHE_BYTES = 4 * 2**30
@@ -180,14 +188,14 @@ def cache_teacher_features(
     Exact (no augmentation, teacher in eval mode) and a quarter of each step's work saved;
     skipped when they would take more than `budget` bytes of memory.
     """
-    sample = network.teacher(data.normalize(images[:1], mean, std).to(device))
+    sample = network.teacher(_batch(images[:1], mean, std, device))
     per_image = sum(level.numel() * level.element_size() for level in sample)
     if per_image * len(images) > budget:
         return None
     levels = [[] for _ in sample]
     for batch in images.split(settings.batch_size):
         for store, level in zip(
-            levels, network.teacher(data.normalize(batch, mean, std).to(device)), strict=True
+            levels, network.teacher(_batch(batch, mean, std, device)), strict=True
         ):
             store.append(level.cpu())
     return [torch.cat(store) for store in levels]
@@ -197,7 +205,7 @@ def cache_teacher_features(
 def _per_image(network, images, mean, std, settings, device) -> torch.Tensor:
     network.eval()
     losses = [
-        per_image_loss(*network(data.normalize(batch, mean, std).to(device))).cpu()
+        per_image_loss(*network(_batch(batch, mean, std, device))).cpu()
         for batch in images.split(settings.batch_size)
     ]
     return torch.cat(losses)
@@ -208,6 +216,6 @@ def _validation_scores(network, images, mean, std, settings, map_settings, devic
     network.eval()
     scores = []
     for batch in images.split(settings.batch_size):
-        features = network(data.normalize(batch, mean, std).to(device))
+        features = network(_batch(batch, mean, std, device))
         scores.append(image_scores(anomaly_map(*features, batch.shape[1:3], **map_settings)).cpu())
     return torch.cat(scores)

@@ -88,6 +88,17 @@ def test_killed_run_resumes_to_identical_weights(category, tmp_path, reference, 
     assert [record["epoch"] for record in history] == [1, 2, 3, 4, 5]
 
 
+def test_a_finished_run_trains_longer_to_the_same_weights(category, tmp_path, reference):
+    """No learning-rate schedule: 3 epochs, then 2 more, equal 5 from the start."""
+    run_dir = tmp_path / "run"
+    short = [flag if flag != "5" else "3" for flag in FLAGS]
+    assert train("--data", str(category), "--out", str(run_dir), *short).wait(timeout=600) == 0
+    assert train("--resume", str(run_dir), "--epochs", "5").wait(timeout=600) == 0
+    weights = students(run_dir / "model.pt")
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+    assert train("--resume", str(run_dir), "--epochs", "2").wait(timeout=600) == 2  # fewer
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     assert train_main(["--resume", str(tmp_path)]) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
