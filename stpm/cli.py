@@ -384,3 +384,54 @@ def eval_main(argv: list[str] | None = None) -> int:
     print(format_table(evaluation.metrics))
     print(f"report: {args.out / 'report.md'}")
     return 0
+
+
+# ---------------------------------------------------------------------- stpm-export
+
+
+@_friendly
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stpm-export",
+        description="Export a model to one ONNX graph (image -> anomaly map and score) for ONNX "
+        "Runtime, FP32 or INT8, checked against the torch model on defect-free images.",
+    )
+    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
+    _add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, help="ONNX file (default: beside the model)")
+    parser.add_argument(
+        "--int8", action="store_true", help="static INT8, calibrated on train/good images"
+    )
+    parser.add_argument(
+        "--images", type=int, default=64, help="train/good images to calibrate and compare on"
+    )
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    _add_teacher_arguments(parser)
+    args = parser.parse_args(argv)
+    from . import export
+
+    detector, model_path = _load(args)
+    if detector.onnx_ is not None:
+        raise StpmError(f"{model_path} is already an ONNX file; export the .pt it came from")
+    folder = data.category_dir(args.category, args.data, args.data_root)
+    paths = data.train_images(folder)
+    step = max(1, len(paths) // max(1, args.images))
+    images = data.load_resized(paths[::step][: args.images], detector.input_size_)
+    suffix = "-int8.onnx" if args.int8 else ".onnx"
+    out = args.out or model_path.with_name(model_path.stem + suffix)
+    if args.int8:
+        fp32 = out.with_name(out.stem + "-fp32.onnx")
+        export.export_onnx(detector, fp32)
+        export.quantize_int8(fp32, out, images, detector.mean_, detector.std_)
+        fp32.unlink()
+    else:
+        export.export_onnx(detector, out)
+    check = export.compare(detector, out, images)
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB). ONNX Runtime vs torch on "
+        f"{check['images']} train/good images: max |map difference| "
+        f"{check['max_abs_map_difference']:.2g}, max |score difference| "
+        f"{check['max_abs_score_difference']:.2g} (largest score {check['largest_score']:.3g}), "
+        f"map correlation {check['map_correlation']:.4f}"
+    )
+    return 0

@@ -288,9 +288,11 @@ class STPM:
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) at the model's input size -> anomaly maps (B, 1, H, W) on the CPU."""
         self._check_fitted()
+        batch = data.normalize(images, self.mean_, self.std_)
+        if self.onnx_ is not None:
+            return self.onnx_(batch)
         self.network_.eval()
-        batch = data.normalize(images, self.mean_, self.std_).to(self.device_)
-        features = self.network_(batch)
+        features = self.network_(batch.to(self.device_))
         return anomaly_map(*features, self.input_size_, **self._map_settings()).float().cpu()
 
     def normalize_score(self, score: float, threshold: float | None = None) -> float:
@@ -302,8 +304,10 @@ class STPM:
         spread = max(threshold - reference, 1e-12)  # a zero threshold makes every score 1
         return float(np.clip(0.5 * (score - reference) / spread, 0.0, 1.0))
 
+    onnx_ = None  # an export.OnnxMaps when loaded from an .onnx file: ONNX Runtime runs it
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "network_"):
+        if not hasattr(self, "network_") and self.onnx_ is None:
             raise StpmError("this STPM is not trained yet: call fit(folder) or STPM.load(path)")
 
     # ------------------------------------------------------------------ files
@@ -311,6 +315,10 @@ class STPM:
     def to_dict(self) -> dict:
         """Everything prediction needs, as plain tensors, numbers and strings."""
         self._check_fitted()
+        if self.onnx_ is not None:
+            raise StpmError(
+                f"{self.onnx_.path} is an ONNX export; keep the .pt file it was exported from"
+            )
         return {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
@@ -350,17 +358,14 @@ class STPM:
         teacher_weights: str | None = None,
         force: bool = False,
     ) -> STPM:
-        """Load a model file; refuse files that are not ours or whose teacher differs."""
+        """Load a model file; refuse files that are not ours or whose teacher differs.
+
+        An .onnx file from stpm-export runs through ONNX Runtime on the CPU (device ignored).
+        """
+        if Path(path).suffix.lower() == ".onnx":
+            return cls._load_onnx(Path(path))
         state = _read_model_file(Path(path))
-        model = cls(
-            backbone=state["backbone"],
-            strides=state["strides"],
-            image_size=state["image_size"],
-            combine=state["combine"],
-            smoothing_sigma=state["smoothing_sigma"],
-            device=device,
-            **state["settings"],
-        )
+        model = cls._from_description(state, device)
         source = state["teacher"]["source"]
         if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
             teacher_weights = source[5:]
@@ -379,6 +384,37 @@ class STPM:
                 "be meaningless. Pass the right --teacher-weights, or --force"
             )
         model.teacher_ = dict(state["teacher"]) if force else model.teacher_
+        return model
+
+    @classmethod
+    def _load_onnx(cls, path: Path) -> STPM:
+        from .export import OnnxMaps, default_threads
+
+        if not path.is_file():
+            raise StpmError(f"model file not found: {path}")
+        runner = OnnxMaps(path, threads=default_threads())
+        missing = MODEL_KEYS - {"student"} - runner.description.keys()
+        if missing:
+            raise StpmError(f"{path}: its stpm metadata lacks {', '.join(sorted(missing))}")
+        model = cls._from_description(runner.description, "cpu")
+        model.onnx_ = runner
+        model.device_ = torch.device("cpu")
+        model.input_size_ = tuple(runner.description["image_size"])
+        model.teacher_ = dict(runner.description["teacher"])
+        return model
+
+    @classmethod
+    def _from_description(cls, state: dict, device: str) -> STPM:
+        """An estimator with a model file's settings, threshold and history (no weights yet)."""
+        model = cls(
+            backbone=state["backbone"],
+            strides=state["strides"],
+            image_size=state["image_size"],
+            combine=state["combine"],
+            smoothing_sigma=state["smoothing_sigma"],
+            device=device,
+            **state["settings"],
+        )
         model.mean_, model.std_ = tuple(state["mean"]), tuple(state["std"])
         model.history_ = state["history"]
         model.best_epoch_ = state["best_epoch"]
