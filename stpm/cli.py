@@ -220,7 +220,9 @@ def predict_main(argv: list[str] | None = None) -> int:
         writer.writerow(["path", "score", "normalized_score", "verdict", "error"])
         for path in missing:
             rows.append(_write_row(writer, handle, path, None, f"no such file: {path}"))
-        outcomes = detector.predict_iter(paths, threshold=threshold, batch_size=args.batch_size)
+        outcomes = detector.predict_iter(
+            paths, threshold=threshold, batch_size=args.batch_size, keep_images=not args.no_images
+        )
         for source, outcome in tqdm(
             outcomes, total=len(paths), unit="img", disable=len(paths) <= 3
         ):
@@ -298,7 +300,7 @@ def _write_images(
     path: Path, base: Path, out: Path, prediction: Prediction, threshold: float, save_map: bool
 ) -> None:
     folder = out / path.resolve().parent.relative_to(base)
-    image = data.read_image(path)
+    image = prediction.image if prediction.image is not None else data.read_image(path)
     verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
     label = f"{verdict} {prediction.normalized_score:.2f} (raw {prediction.score:.4g})"
     overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, threshold, label)

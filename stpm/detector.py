@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class Prediction:
     anomaly_map: np.ndarray  # (H, W) float32, per-pixel anomaly
     mask: np.ndarray  # (H, W) bool, pixels above the threshold
     is_anomalous: bool
+    image: np.ndarray | None = field(default=None, repr=False)  # the decoded RGB, if asked for
 
 
 class STPM:
@@ -232,11 +235,13 @@ class STPM:
         threshold: float | None = None,
         batch_size: int | None = None,
         full_resolution: bool = True,
+        keep_images: bool = False,
     ) -> Iterator[tuple[str | None, Prediction | StpmError]]:
         """Yield (source, Prediction or the error that stopped that image), in input order.
 
         One bad image does not stop the others: the caller decides what an error means.
-        full_resolution=False keeps maps at the model's input size (cheaper, for evaluation).
+        full_resolution=False keeps maps at the model's input size (cheaper, for evaluation);
+        keep_images=True hands each decoded image back in Prediction.image (to draw on).
         """
         self._check_fitted()
         threshold = self.threshold_ if threshold is None else float(threshold)
@@ -244,23 +249,20 @@ class STPM:
             raise StpmError("this model has no validation threshold; pass threshold=...")
         batch_size = batch_size or self.settings.batch_size
         pending: list[tuple[str | None, np.ndarray]] = []
-        for item in inputs:
-            source = str(item) if isinstance(item, str | Path) else None
-            try:
-                image = data.read_image(item) if source is not None else data.to_rgb(item)
-            except StpmError as error:
-                yield from self._run_batch(pending, threshold, full_resolution)
+        for source, image in _decode_ahead(inputs, lookahead=batch_size + 1):
+            if isinstance(image, StpmError):
+                yield from self._run_batch(pending, threshold, full_resolution, keep_images)
                 pending = []
-                yield source, error
+                yield source, image
                 continue
             pending.append((source, image))
             if len(pending) == batch_size:
-                yield from self._run_batch(pending, threshold, full_resolution)
+                yield from self._run_batch(pending, threshold, full_resolution, keep_images)
                 pending = []
-        yield from self._run_batch(pending, threshold, full_resolution)
+        yield from self._run_batch(pending, threshold, full_resolution, keep_images)
 
     def _run_batch(
-        self, batch, threshold: float, full_resolution: bool
+        self, batch, threshold: float, full_resolution: bool, keep_images: bool = False
     ) -> Iterator[tuple[str | None, Prediction]]:
         if not batch:
             return
@@ -281,6 +283,7 @@ class STPM:
                     anomaly_map=small_map,
                     mask=small_map > threshold,
                     is_anomalous=score > threshold,
+                    image=image if keep_images else None,
                 ),
             )
 
@@ -443,6 +446,34 @@ class STPM:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _decode_ahead(
+    inputs: Iterable[str | Path | np.ndarray], lookahead: int
+) -> Iterator[tuple[str | None, np.ndarray | StpmError]]:
+    """(source, RGB image or the error reading it), decoded in a background thread.
+
+    OpenCV releases the GIL while it decodes, so the next images are read while the model
+    runs on the current batch; lookahead bounds how many wait in memory.
+    """
+
+    def decode(item) -> np.ndarray | StpmError:
+        try:
+            return data.read_image(item) if isinstance(item, str | Path) else data.to_rgb(item)
+        except StpmError as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        queue: deque = deque()
+        for item in inputs:
+            source = str(item) if isinstance(item, str | Path) else None
+            queue.append((source, pool.submit(decode, item)))
+            if len(queue) > lookahead:
+                source, future = queue.popleft()
+                yield source, future.result()
+        while queue:
+            source, future = queue.popleft()
+            yield source, future.result()
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -13,6 +13,7 @@ large feature vectors and 8 bits of it would be noise.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -42,13 +43,63 @@ class MapGraph(nn.Module):
 
     def __init__(self, detector: STPM) -> None:
         super().__init__()
-        self.network = detector.network_
+        self.network = fixed_same_padding(detector.network_, detector.input_size_)
         self.size = detector.input_size_
         self.map_settings = detector._map_settings()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = anomaly_map(*self.network(images), self.size, **self.map_settings)
         return maps, image_scores(maps)
+
+
+def fixed_same_padding(network: nn.Module, size: tuple[int, int]) -> nn.Module:
+    """A copy of network whose TensorFlow-style 'same' convolutions pad by fixed amounts.
+
+    timm's Conv2dSame works its padding out from the input's shape on every call. Traced into
+    ONNX that is about 150 small shape operations (Shape, Gather, Ceil, Cast, Div...) and a Pad
+    that ONNX Runtime cannot fold into the convolution. The input size of a model is fixed, so
+    the padding is too.
+    """
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    network = copy.deepcopy(network).cpu().eval()
+    shapes: dict[nn.Module, tuple[int, int]] = {}
+
+    def remember(module: nn.Module, inputs: tuple) -> None:
+        shapes[module] = tuple(inputs[0].shape[-2:])
+
+    same = [module for module in network.modules() if isinstance(module, Conv2dSame)]
+    hooks = [module.register_forward_pre_hook(remember) for module in same]
+    with torch.no_grad():
+        network(torch.zeros((1, 3, *size)))
+    for hook in hooks:
+        hook.remove()
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if child not in shapes:
+                continue
+            pads = [
+                get_same_padding(side, kernel, stride, dilation)
+                for side, kernel, stride, dilation in zip(
+                    shapes[child], child.kernel_size, child.stride, child.dilation, strict=True
+                )
+            ]
+            plain = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                0,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
+            )
+            plain.load_state_dict(child.state_dict())
+            height, width = pads
+            padding = (width // 2, width - width // 2, height // 2, height - height // 2)
+            setattr(parent, name, nn.Sequential(nn.ZeroPad2d(padding), plain))
+    return network
 
 
 def export_onnx(detector: STPM, path: str | Path) -> Path:
