@@ -170,6 +170,32 @@ class STPM:
             params["epochs"] = epochs
         return cls(**params).fit(state["data"], run_dir=run_dir, resume=state)
 
+    def set_map(
+        self, combine: str, smoothing_sigma: float, validation_images: Sequence[str | Path]
+    ) -> STPM:
+        """Combine and smooth the level maps another way, without retraining.
+
+        The student does not depend on these settings, only the scores do, so the threshold is
+        recomputed on validation_images: defect-free images the student never trained on (a run's
+        config.json lists its own).
+        """
+        self._check_fitted()
+        if self.onnx_ is not None:
+            raise StpmError(
+                "the map of an ONNX export is fixed; set it on the .pt and export again"
+            )
+        self.combine, self.smoothing_sigma = combine, float(smoothing_sigma)
+        self._check_settings()
+        scores = []
+        for _, outcome in self.predict_iter(
+            validation_images, threshold=0.0, full_resolution=False
+        ):
+            if isinstance(outcome, StpmError):
+                raise outcome
+            scores.append(outcome.score)
+        self._set_validation(scores)
+        return self
+
     def _check_settings(self) -> None:
         if not weights.backbone_exists(self.backbone):
             raise StpmError(f"unknown backbone {self.backbone!r}; any name from timm.list_models()")

@@ -249,3 +249,17 @@ def test_a_malicious_model_file_runs_no_code(tmp_path):
     assert not target.exists()
     torch.load(path, weights_only=False)  # proof the payload is real: full unpickling runs it
     assert target.exists()
+
+
+def test_set_map_recomputes_the_threshold_without_retraining(trained, category, tmp_path):
+    model, run_dir = trained
+    validation = json.loads((run_dir / "config.json").read_text())["validation_images"]
+    remapped = STPM.load(run_dir / "model.pt", device="cpu").set_map("sum", 2.0, validation)
+    assert remapped.combine == "sum" and remapped.smoothing_sigma == 2.0
+    assert remapped.threshold_ != model.threshold_
+    again = STPM.load(remapped.save(tmp_path / "sum.pt"))
+    assert again.threshold_ == remapped.threshold_ and again.combine == "sum"
+    image = sorted((category / "test").rglob("*.png"))[0]
+    assert again.predict(image)[0].score == pytest.approx(remapped.predict(image)[0].score)
+    with pytest.raises(StpmError, match="combine"):
+        remapped.set_map("max", 0.0, validation)
