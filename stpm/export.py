@@ -6,9 +6,15 @@ Everything else prediction needs (threshold, normalisation, input size) travels 
 metadata, so `STPM.load("model.onnx")` needs neither the .pt file nor the teacher's weights.
 
 INT8 is static post-training quantisation (ONNX Runtime's quantize_static), calibrated on
-defect-free training images. Only convolutions are quantised: the map arithmetic (normalise,
-subtract, square, upsample, multiply) stays FP32, because the map is a small difference of two
-large feature vectors and 8 bits of it would be noise.
+defect-free training images. Only convolutions and the ReLU6 clips after them are quantised
+(a clip fused into its convolution's output range); the map arithmetic (normalise, subtract,
+square, upsample, multiply) stays FP32: the map is a small difference of two large feature
+vectors, and 8 bits of it would be noise. Activation ranges are the 99.999th percentile of
+the calibration images, not their extremes. Measured on a Magnetic Tile model (59 test images
+against FP32): map correlation 0.746 with convolutions only and min-max ranges, 0.822 with the
+clips fused, 0.836 with percentile ranges. Keeping the level outputs' blocks, all projections or
+the whole stride-16 stage in FP32 changed it by at most 0.014: the error is spread through the
+network, not in a few layers.
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ def quantize_int8(
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
@@ -154,7 +161,7 @@ def quantize_int8(
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calibration_images.split(8))
+            self.batches = iter(calibration_images.split(1))  # percentile stats need equal shapes
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -170,7 +177,8 @@ def quantize_int8(
             str(quantized),
             Reader(),
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv"],
+            op_types_to_quantize=["Conv", "Clip"],
+            calibrate_method=CalibrationMethod.Percentile,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
