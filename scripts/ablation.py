@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -201,7 +202,58 @@ def write_results(work: Path) -> None:
             f"| {metrics['pro']:.3f} | {result['train_images_per_second']:.1f} "
             f"| {result['inference_images_per_second']:.1f} |"
         )
+    lines += _spread_table(records) + _per_defect_table(records)
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
+
+
+def _variant(record: dict, budget: str, combine: str, sigma: float) -> dict | None:
+    for variant in record["budgets"].get(budget, {}).get("variants", []):
+        if variant["combine"] == combine and variant["sigma"] == sigma:
+            return variant["metrics"]
+    return None
+
+
+def _spread_table(records: list[dict]) -> list[str]:
+    """Settings measured with two seeds: mean and half the range of each metric."""
+    by_name = {record["name"]: record for record in records}
+    lines = ["", "## Seed spread (20 epochs): mean ± half the range over seeds 0 and 1", ""]
+    lines += ["| setting | combine | sigma | image AUROC | pixel AUROC | PRO |"]
+    lines += ["| --- | --- | --- | --- | --- | --- |"]
+    pairs = [(name, f"{name}-seed1") for name in by_name if f"{name}-seed1" in by_name]
+    if "base-seed0" in by_name and "base-seed1" in by_name:
+        pairs.insert(0, ("base-seed0", "base-seed1"))
+    for first, second in pairs:
+        for combine in COMBINES:
+            for sigma in SIGMAS:
+                found = [_variant(by_name[n], "20", combine, sigma) for n in (first, second)]
+                if None in found:
+                    continue
+                cells = []
+                for key in ("image_auroc", "pixel_auroc", "pro"):
+                    values = [metrics[key] for metrics in found]
+                    cells.append(f"{np.mean(values):.3f} ± {np.ptp(values) / 2:.3f}")
+                setting = first.removesuffix("-seed0")
+                lines.append(f"| {setting} | {combine} | {sigma:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_defect_table(records: list[dict]) -> list[str]:
+    """Where the base setting fails, per defect type: the default map against the paper's."""
+    base = next((record for record in records if record["name"] == "base-seed0"), None)
+    if base is None:
+        return []
+    lines = ["", "## Per defect type (base-seed0, 20 epochs): image AUROC / pixel AUROC / PRO", ""]
+    lines += ["| defect | product, sigma 0 (paper) | sum, sigma 4 |", "| --- | --- | --- |"]
+    paper, chosen = _variant(base, "20", "product", 0.0), _variant(base, "20", "sum", 4.0)
+    for defect in paper["per_defect"]:
+        cells = [
+            " / ".join(
+                f"{m['per_defect'][defect][k]:.3f}" for k in ("image_auroc", "pixel_auroc", "pro")
+            )
+            for m in (paper, chosen)
+        ]
+        lines.append(f"| {defect} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -86,12 +86,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
 import resource
 import statistics
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -121,27 +121,12 @@ OPENVINO_FILES = {
 
 
 def use_local_teacher(weights: Path) -> None:
-    """Make every pretrained `timm.create_model` of BACKBONE load `weights`; refuse other downloads.
+    """anomalib_runner.py's offline teacher: anomalib rebuilds the teacher with pretrained=True
+    when it loads a checkpoint (the checkpoint's weights are loaded over it afterwards)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from anomalib_runner import use_local_teacher as patch_timm
 
-    Same as scripts/anomalib_runner.py: anomalib rebuilds the teacher with pretrained=True when
-    it loads a checkpoint (the checkpoint's weights are loaded over it afterwards).
-    """
-    import timm
-
-    original = timm.create_model
-
-    @functools.wraps(original)
-    def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-        if pretrained:
-            if model_name != BACKBONE:
-                raise RuntimeError(f"offline run: no local weights for pretrained {model_name!r}")
-            kwargs["pretrained_cfg_overlay"] = {
-                **(kwargs.get("pretrained_cfg_overlay") or {}),
-                "file": str(weights),
-            }
-        return original(model_name, pretrained=pretrained, **kwargs)
-
-    timm.create_model = create_model  # anomalib calls `timm.create_model` through the module
+    patch_timm(weights)
 
 
 def images_in(folder: Path) -> list[Path]:
