@@ -18,6 +18,9 @@ def atomic_write(target: str | Path, write: Callable[[str], object]) -> Path:
     os.close(handle)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide reports from others
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

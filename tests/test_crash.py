@@ -104,3 +104,14 @@ def test_predictions_csv_has_only_whole_lines_after_sigkill(trained, tmp_path):
     rows = list(csv.DictReader(text.splitlines()))
     assert 29 <= len(rows) < 400
     assert all(row["verdict"] in ("good", "anomalous") and float(row["score"]) >= 0 for row in rows)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    from stpm.files import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "report.md", "hello")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
