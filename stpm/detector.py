@@ -67,7 +67,7 @@ class STPM:
         image_size: int | Sequence[int] = 256,
         combine: str = "sum",
         smoothing_sigma: float = 4.0,
-        epochs: int = 100,
+        epochs: int = 20,
         batch_size: int = 32,
         learning_rate: float = 0.4,
         momentum: float = 0.9,

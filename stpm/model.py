@@ -7,8 +7,10 @@ student's features disagree with the teacher's, the image is unlike the training
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -98,14 +100,36 @@ def per_image_loss(
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, 1, H, W) maps; kernel radius 4 sigma, edges reflected."""
+    """Separable Gaussian smoothing of (B, 1, H, W) maps; kernel radius 4 sigma, edges reflected.
+
+    Done as two matrix products (rows, then columns) with the kernel and the reflection folded
+    into one (H, H) and one (W, W) matrix: a single-channel 33-tap convolution is one of the
+    slowest things a CPU convolution library does (17 ms per 256 x 256 map on one core), while
+    the same blur as matrix products takes about a millisecond.
+    """
+    height, width = int(maps.shape[-2]), int(maps.shape[-1])  # constants in an ONNX export
+    rows = _blur_matrix(height, float(sigma)).to(maps.dtype).to(maps.device)
+    columns = _blur_matrix(width, float(sigma)).to(maps.dtype).to(maps.device)
+    return rows @ maps @ columns.T
+
+
+@functools.lru_cache(maxsize=8)
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """(size, size): output i = sum over j of matrix[i, j] * input j, 'reflect' padding included.
+
+    Built with numpy, so that tracing (ONNX export) sees one constant, not the construction.
+    """
     radius = max(1, int(4.0 * sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+    if radius >= size:
+        raise StpmError(f"smoothing sigma {sigma:g} is too large for a map {size} pixels wide")
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    sources = np.abs(np.arange(size)[:, None] + offsets[None, :])  # reflect at the start
+    sources = np.where(sources > size - 1, 2 * (size - 1) - sources, sources)  # and the end
+    matrix = np.zeros((size, size))
+    np.add.at(matrix, (np.arange(size)[:, None].repeat(len(offsets), 1), sources), kernel)
+    return torch.from_numpy(matrix)
 
 
 def anomaly_map(

@@ -1,8 +1,11 @@
 """The training loop: the student learns the teacher's features on defect-free images.
 
 Paper defaults (Wang et al., BMVC 2021): SGD lr 0.4, momentum 0.9, weight decay 1e-4,
-batch 32, 100 epochs, 256x256 inputs. A held-out slice of train/good is never trained on;
-its losses pick the epoch to keep and its image scores calibrate the threshold.
+batch 32, 100 epochs, 256x256 inputs. We keep all but the epochs: 20, because on Magnetic Tile
+50 epochs lowered the validation loss by a third but image AUROC by 4 points (the student learns
+to imitate the teacher on defects too; scripts/results/ablation.md). A held-out slice of
+train/good is never trained on; its losses pick the epoch to keep and its image scores
+calibrate the threshold.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .model import StudentTeacher, anomaly_map, feature_loss, image_scores, per_
 class TrainSettings:
     """Optimisation settings; every field is recorded in the run's config.json."""
 
-    epochs: int = 100
+    epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 0.4
     momentum: float = 0.9

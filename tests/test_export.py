@@ -12,11 +12,13 @@ import torch
 from stpm import STPM, StpmError, data
 from stpm.cli import export_main, predict_main
 from stpm.export import compare, export_onnx
+from stpm.model import _blur_matrix
 
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     model, _ = trained
+    _blur_matrix.cache_clear()  # the export must not depend on what ran before it
     return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 

@@ -78,3 +78,18 @@ def test_pyramid_indices_follow_strides():
     assert pyramid_indices("tf_efficientnet_lite0", (8, 16, 32)) == (2, 3, 4)
     with pytest.raises(StpmError, match="stride 64"):
         pyramid_indices("resnet18", (64,))
+
+
+def test_blur_equals_a_reflected_separable_convolution():
+    maps = torch.rand(3, 1, 40, 56, dtype=torch.float64)
+    sigma = 2.5
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = torch.nn.functional.pad(maps, (radius,) * 4, mode="reflect")
+    expected = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1))
+    expected = torch.nn.functional.conv2d(expected, kernel.view(1, 1, -1, 1))
+    assert torch.allclose(gaussian_blur(maps, sigma), expected, atol=1e-12)
+    with pytest.raises(StpmError, match="too large"):
+        gaussian_blur(maps, 10.0)
