@@ -13,6 +13,7 @@ graph call (teacher + student + map). Results: scripts/results/profile.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -66,8 +67,12 @@ def main() -> None:
             teacher = timed(stages, "teacher (torch)", network.teacher, batch)
             student = timed(stages, "student (torch)", network.student, batch)
             maps = timed(
-                stages, "map (torch)", anomaly_map, teacher, student, size, detector.combine
+                stages,
+                f"map: {detector.combine}, sigma {detector.smoothing_sigma:g} (torch)",
+                anomaly_map,
+                *(teacher, student, size, detector.combine, detector.smoothing_sigma),
             )
+            timed(stages, "map: product, no smoothing (torch)", anomaly_map, teacher, student, size)
             for name, runner in runners.items():
                 timed(stages, f"teacher + student + map ({name})", runner, batch)
             full = timed(
@@ -94,9 +99,46 @@ def main() -> None:
         "| --- | --- |",
     ]
     lines += [f"| {name} | {statistics.median(times):.2f} |" for name, times in stages.items()]
+    if args.onnx:
+        batch = data.normalize(torch.from_numpy(resized)[None], detector.mean_, detector.std_)
+        lines += _onnx_operators(args.onnx, batch.numpy(), args.threads)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _onnx_operators(paths: list[Path], batch, threads: int, runs: int = 20) -> list[str]:
+    """ONNX Runtime's own profile: milliseconds per image spent in each operator type."""
+    import onnxruntime as ort
+
+    totals: dict[str, dict[str, float]] = {}
+    for path in paths:
+        options = ort.SessionOptions()
+        options.enable_profiling, options.intra_op_num_threads = True, threads
+        with tempfile.TemporaryDirectory() as folder:
+            options.profile_file_prefix = str(Path(folder) / "profile")
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for _ in range(runs):
+                session.run(None, {"images": batch})
+            events = json.loads(Path(session.end_profiling()).read_text())
+        per_operator = totals.setdefault(path.name, {})
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                operator = event["args"]["op_name"]
+                per_operator[operator] = (
+                    per_operator.get(operator, 0.0) + event["dur"] / 1000 / runs
+                )
+    operators = sorted(
+        {op for ops in totals.values() for op in ops},
+        key=lambda op: -max(ops.get(op, 0.0) for ops in totals.values()),
+    )
+    lines = ["", "## ONNX Runtime, ms per image by operator type (its own profiler)", ""]
+    lines += ["| operator | " + " | ".join(totals) + " |", "| --- |" + " --- |" * len(totals)]
+    for operator in operators:
+        cells = [f"{ops.get(operator, 0.0):.2f}" for ops in totals.values()]
+        lines.append(f"| {operator} | " + " | ".join(cells) + " |")
+    cells = [f"{sum(ops.values()):.2f}" for ops in totals.values()]
+    return lines + ["| all | " + " | ".join(cells) + " |"]
 
 
 if __name__ == "__main__":
