@@ -202,6 +202,9 @@ def write_results(work: Path) -> None:
             f"| {metrics['pro']:.3f} | {result['train_images_per_second']:.1f} "
             f"| {result['inference_images_per_second']:.1f} |"
         )
+    missing = [name for name in RUNS if name not in {record["name"] for record in records}]
+    if missing:
+        lines += ["", f"Not measured yet (defined in RUNS): {', '.join(missing)}."]
     lines += _spread_table(records) + _per_defect_table(records)
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
