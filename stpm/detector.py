@@ -53,7 +53,8 @@ class STPM:
     """Student-Teacher Feature Pyramid Matching anomaly detector.
 
     backbone: any timm CNN; the default has offline ImageNet weights (see stpm.weights).
-    strides: the pyramid levels compared (4, 8, 16 = ResNet's layer1..layer3).
+    strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3; the
+    default 8, 16 measured 2.6 points more pixel AUROC and 0.9 less PRO on Magnetic Tile).
     image_size: input (height, width) or one side; combine: 'sum' or 'product' (the paper);
     smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none. The map defaults
     (sum, sigma 4) come from scripts/results/ablation.md: about 3 points of image AUROC and of
@@ -63,7 +64,7 @@ class STPM:
     def __init__(
         self,
         backbone: str = weights.DEFAULT_BACKBONE,
-        strides: Sequence[int] = (4, 8, 16),
+        strides: Sequence[int] = (8, 16),
         image_size: int | Sequence[int] = 256,
         combine: str = "sum",
         smoothing_sigma: float = 4.0,

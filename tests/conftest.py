@@ -13,6 +13,7 @@ from stpm import STPM
 SHARED_TILES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 TINY = {
     "image_size": 64,
+    "strides": (4, 8, 16),  # at 64 px a stride-16 map is 4 x 4: tiny images need the finer level
     "epochs": 10,
     "batch_size": 4,
     "validation_fraction": 0.25,

@@ -17,7 +17,7 @@ FLAGS = [
     "--image-size",
     "64",
     "--epochs",
-    "5",
+    "8",  # epochs after the last kill point, so the kill never comes after the end
     "--batch-size",
     "2",
     "--validation-fraction",
@@ -85,15 +85,15 @@ def test_killed_run_resumes_to_identical_weights(category, tmp_path, reference, 
     weights = students(run_dir / "model.pt")
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
     history = torch.load(run_dir / "model.pt", weights_only=True)["history"]
-    assert [record["epoch"] for record in history] == [1, 2, 3, 4, 5]
+    assert [record["epoch"] for record in history] == list(range(1, 9))
 
 
 def test_a_finished_run_trains_longer_to_the_same_weights(category, tmp_path, reference):
-    """No learning-rate schedule: 3 epochs, then 2 more, equal 5 from the start."""
+    """No learning-rate schedule: 3 epochs, then 5 more, equal 8 from the start."""
     run_dir = tmp_path / "run"
-    short = [flag if flag != "5" else "3" for flag in FLAGS]
+    short = [flag if flag != "8" else "3" for flag in FLAGS]
     assert train("--data", str(category), "--out", str(run_dir), *short).wait(timeout=600) == 0
-    assert train("--resume", str(run_dir), "--epochs", "5").wait(timeout=600) == 0
+    assert train("--resume", str(run_dir), "--epochs", "8").wait(timeout=600) == 0
     weights = students(run_dir / "model.pt")
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
     assert train("--resume", str(run_dir), "--epochs", "2").wait(timeout=600) == 2  # fewer
