@@ -120,13 +120,11 @@ OPENVINO_FILES = {
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS since it started (VmHWM). Not ru_maxrss: that is carried over
-    from the parent across fork and exec, so every child would report the parent's peak."""
-    status = Path("/proc/self/status").read_text()
-    return (
-        int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-        / 1024
-    )
+    """VmHWM, read as scripts/benchmark_speed.py reads it (it imports only numpy at the top)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_speed import peak_rss_mb as ours
+
+    return ours()
 
 
 def use_local_teacher(weights: Path) -> None:
