@@ -187,8 +187,9 @@ class STPM:
             raise StpmError(
                 "the map of an ONNX export is fixed; set it on the .pt and export again"
             )
+        if combine not in ("product", "sum"):  # checked before anything changes
+            raise StpmError(f"combine must be 'product' or 'sum', not {combine!r}")
         self.combine, self.smoothing_sigma = combine, float(smoothing_sigma)
-        self._check_settings()
         scores = []
         for _, outcome in self.predict_iter(
             validation_images, threshold=0.0, full_resolution=False

@@ -265,3 +265,4 @@ def test_set_map_recomputes_the_threshold_without_retraining(trained, category, 
     assert again.predict(image)[0].score == pytest.approx(remapped.predict(image)[0].score)
     with pytest.raises(StpmError, match="combine"):
         remapped.set_map("max", 0.0, validation)
+    assert remapped.combine == "sum"  # a refused change changes nothing
