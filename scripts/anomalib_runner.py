@@ -93,6 +93,18 @@ NUM_NEIGHBORS = 9
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
+def save_maps(target: Path, data: Path, paths, maps, scores, latencies) -> None:
+    """maps.npz as the benchmarks read it: maps and scores in test-image order, with their paths."""
+    np.savez_compressed(
+        target,
+        maps=maps,
+        scores=scores,
+        paths=np.array([p.relative_to(data).as_posix() for p in paths]),
+        defects=np.array([p.parent.name for p in paths]),
+        latency_ms=np.array(latencies, np.float32),
+    )
+
+
 def use_local_teacher(weights: Path) -> None:
     """Make every pretrained `timm.create_model` of BACKBONE load `weights`; refuse other downloads."""
     original = timm.create_model
@@ -323,14 +335,7 @@ def main() -> None:
     paths = test_images(args.data)
     maps, scores, latencies, inference_seconds = score(model, paths, resize, size)
 
-    np.savez_compressed(
-        args.out / "maps.npz",
-        maps=maps,
-        scores=scores,
-        paths=np.array([p.relative_to(args.data).as_posix() for p in paths]),
-        defects=np.array([p.parent.name for p in paths]),
-        latency_ms=np.array(latencies, np.float32),
-    )
+    save_maps(args.out / "maps.npz", args.data, paths, maps, scores, latencies)
     result = {"train_seconds": train_seconds}
     if isinstance(model, Patchcore):
         result["coreset_seconds"] = coreset["coreset_seconds"]

@@ -366,14 +366,10 @@ def measure(args: argparse.Namespace) -> None:
     map_max = maps.reshape(n, -1).max(axis=1)
     score_vs_map = float(np.max(np.abs(scores - map_max) / np.maximum(np.abs(map_max), 1e-12)))
     batch_vs_single = float(np.max(np.abs(batch_scores - scores) / np.maximum(scores, 1e-12)))
-    np.savez_compressed(
-        args.out / "maps.npz",
-        scores=scores,
-        maps=maps,
-        paths=np.array([p.relative_to(args.data).as_posix() for p in paths]),
-        defects=np.array([p.parent.name for p in paths]),
-        latency_ms=np.array(latencies, np.float32),
-    )
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from anomalib_runner import save_maps
+
+    save_maps(args.out / "maps.npz", args.data, paths, maps, scores, latencies)
     result = {
         "path": args.path,
         "test_images": n,
