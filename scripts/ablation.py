@@ -205,7 +205,7 @@ def write_results(work: Path) -> None:
     missing = [name for name in RUNS if name not in {record["name"] for record in records}]
     if missing:
         lines += ["", f"Not measured yet (defined in RUNS): {', '.join(missing)}."]
-    lines += _spread_table(records) + _per_defect_table(records)
+    lines += _knob_table(records) + _spread_table(records) + _per_defect_table(records)
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -214,6 +214,61 @@ def _variant(record: dict, budget: str, combine: str, sigma: float) -> dict | No
         if variant["combine"] == combine and variant["sigma"] == sigma:
             return variant["metrics"]
     return None
+
+
+def gflops_per_image(settings: dict) -> float:
+    """Counted GFLOPs of teacher + student at these settings: a cost that machine load cannot blur."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stpm.model import StudentTeacher, pyramid_indices
+
+    indices = pyramid_indices(settings["backbone"], settings["strides"])
+    networks = [
+        timm.create_model(
+            settings["backbone"], features_only=True, out_indices=indices, pretrained=False
+        )
+        for _ in range(2)
+    ]
+    network = StudentTeacher(*networks).eval()
+    size = settings["image_size"]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def _knob_table(records: list[dict]) -> list[str]:
+    """Each knob against the base, seed 0, 20 epochs, default map: the gain beside its cost."""
+    by_name = {record["name"]: record for record in records}
+    base = _variant(by_name.get("base-seed0", {"budgets": {}}), "20", "sum", 4.0)
+    if base is None:
+        return []
+    lines = ["", "## One knob at a time (seed 0, 20 epochs, sum, sigma 4), against the base", ""]
+    lines += [
+        "| run | image AUROC | pixel AUROC | PRO | GFLOP/image (counted) | train img/s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, record in by_name.items():
+        metrics = _variant(record, "20", "sum", 4.0)
+        if name.endswith("-seed1") or metrics is None:
+            continue
+        cells = [
+            f"{metrics[key]:.3f}"
+            + ("" if name == "base-seed0" else f" ({metrics[key] - base[key]:+.3f})")
+            for key in ("image_auroc", "pixel_auroc", "pro")
+        ]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {gflops_per_image(record['settings']):.2f}"
+            + f" | {record['budgets']['20']['train_images_per_second']:.1f} |"
+        )
+    lines += [
+        "",
+        "Train img/s is the median epoch of a run sharing the machine with other runs; the",
+        "counted GFLOPs (teacher + student forward, torch FlopCounterMode) are the cost to compare.",
+    ]
+    return lines
 
 
 def _spread_table(records: list[dict]) -> list[str]:
