@@ -1,9 +1,12 @@
-"""The README's picture: image, ground truth and heatmap for a few defects of a category.
+"""The README's pictures: image, ground truth and heatmap for defects of a category.
 
 Usage: python scripts/docs_figure.py MODEL CATEGORY_DIR OUT.png [--defects blowhole crack break]
+       python scripts/docs_figure.py MODEL CATEGORY_DIR OUT.png --failures 3
 
 For each defect type the image with the highest score of its type (--pick best, the default)
-or with the median score (--pick median, a typical one) is shown.
+or with the median score (--pick median, a typical one) is shown. --failures N shows instead,
+over the whole test set, the N defective images scored highest (best found), the N scored
+lowest (worst missed) and the N good images scored highest (the likeliest false alarms).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stpm import STPM, data, visualize
+from stpm import STPM, Prediction, data, visualize
 from stpm.evaluation import read_mask
 
 
@@ -24,23 +27,50 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--defects", nargs="+", default=["blowhole", "crack", "break"])
     parser.add_argument("--pick", choices=["best", "median"], default="best")
+    parser.add_argument(
+        "--failures", type=int, metavar="N", help="best found, worst missed, highest good"
+    )
     args = parser.parse_args()
     model = STPM.load(args.model)
     rows = []
-    for defect in args.defects:
-        samples = [s for s in data.test_samples(args.category) if s.defect == defect]
+    if args.failures:
+        samples = data.test_samples(args.category)
         predictions = model.predict([s.path for s in samples])
-        order = np.argsort([p.score for p in predictions])
-        chosen = int(order[-1] if args.pick == "best" else order[len(order) // 2])
-        sample, prediction = samples[chosen], predictions[chosen]
-        image = data.read_image(sample.path)
-        mask = read_mask(sample.mask, image.shape[:2]).astype(np.uint8) * 255
-        verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
-        label = f"{verdict} {prediction.normalized_score:.2f}"
-        overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, model.threshold_, label)
-        rows.append((f"{defect}: {args.pick} score of {len(samples)}", image, mask, overlay))
+        defective = sorted(
+            (i for i, s in enumerate(samples) if s.defect != "good"),
+            key=lambda i: predictions[i].score,
+        )
+        good = sorted(
+            (i for i, s in enumerate(samples) if s.defect == "good"),
+            key=lambda i: predictions[i].score,
+        )
+        n = args.failures
+        picks = [("best found", defective[::-1][:n]), ("worst missed", defective[:n])]
+        picks.append(("good, highest score", good[::-1][:n]))
+        for title, indices in picks:
+            for i in indices:
+                rows.append(_row(model, samples[i], predictions[i], title))
+    else:
+        for defect in args.defects:
+            samples = [s for s in data.test_samples(args.category) if s.defect == defect]
+            predictions = model.predict([s.path for s in samples])
+            order = np.argsort([p.score for p in predictions])
+            chosen = int(order[-1] if args.pick == "best" else order[len(order) // 2])
+            title = f"{defect}: {args.pick} score of {len(samples)}"
+            rows.append(_row(model, samples[chosen], predictions[chosen], title))
     visualize.comparison_grid(rows, args.out)
     print(f"wrote {args.out}")
+
+
+def _row(model: STPM, sample: data.TestSample, prediction: Prediction, title: str) -> tuple:
+    """(title, image, mask, overlay) for visualize.comparison_grid."""
+    image = data.read_image(sample.path)
+    mask = read_mask(sample.mask, image.shape[:2]).astype(np.uint8) * 255
+    verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
+    label = f"{verdict} {prediction.normalized_score:.2f}"
+    overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, model.threshold_, label)
+    name = f"{sample.path.parent.name}/{sample.path.name}"
+    return (f"{title}\n{name}", image, mask, overlay)
 
 
 if __name__ == "__main__":
