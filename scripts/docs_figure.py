@@ -36,14 +36,9 @@ def main() -> None:
     if args.failures:
         samples = data.test_samples(args.category)
         predictions = model.predict([s.path for s in samples])
-        defective = sorted(
-            (i for i, s in enumerate(samples) if s.defect != "good"),
-            key=lambda i: predictions[i].score,
-        )
-        good = sorted(
-            (i for i, s in enumerate(samples) if s.defect == "good"),
-            key=lambda i: predictions[i].score,
-        )
+        order = sorted(range(len(samples)), key=lambda i: predictions[i].score)
+        defective = [i for i in order if samples[i].defect != "good"]
+        good = [i for i in order if samples[i].defect == "good"]
         n = args.failures
         picks = [("best found", defective[::-1][:n]), ("worst missed", defective[:n])]
         picks.append(("good, highest score", good[::-1][:n]))
