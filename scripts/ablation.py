@@ -45,6 +45,7 @@ RUNS = {  # name -> estimator settings (over BASE) and the epoch budgets it is s
     "size-320-seed1": ({"image_size": 320, "seed": 1}, [20]),
     "levels-4-8-16-32-seed1": ({"strides": [4, 8, 16, 32], "seed": 1}, [20]),
     "levels-8-16-32": ({"strides": [8, 16, 32]}, [20]),
+    "levels-8-16-32-seed1": ({"strides": [8, 16, 32], "seed": 1}, [20]),
 }
 COMBINES = ("product", "sum")
 SIGMAS = (0.0, 2.0, 4.0)
