@@ -46,6 +46,8 @@ RUNS = {  # name -> estimator settings (over BASE) and the epoch budgets it is s
     "levels-4-8-16-32-seed1": ({"strides": [4, 8, 16, 32], "seed": 1}, [20]),
     "levels-8-16-32": ({"strides": [8, 16, 32]}, [20]),
     "levels-8-16-32-seed1": ({"strides": [8, 16, 32], "seed": 1}, [20]),
+    "levels-16-32": ({"strides": [16, 32]}, [20]),
+    "levels-8-16-32-10-epochs": ({"strides": [8, 16, 32]}, [10]),
 }
 COMBINES = ("product", "sum")
 SIGMAS = (0.0, 2.0, 4.0)
