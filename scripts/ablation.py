@@ -322,7 +322,9 @@ def _per_defect_table(records: list[dict]) -> list[str]:
     defaults = STPM()
     wanted = {**BASE, "strides": list(defaults.strides)}
     base = next((r for r in records if r["name"] == "base-seed0"), None)
-    chosen_run = next((r for r in records if r["settings"] == wanted), None)
+    chosen_run = next(
+        (r for r in records if r["settings"] == wanted and "20" in r["budgets"]), None
+    )
     if base is None or chosen_run is None:
         return []
     paper = _variant(base, "20", "product", 0.0)
