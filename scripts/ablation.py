@@ -320,7 +320,12 @@ def _per_defect_table(records: list[dict]) -> list[str]:
     from stpm import STPM
 
     defaults = STPM()
-    wanted = {**BASE, "strides": list(defaults.strides)}
+    wanted = {
+        "backbone": defaults.backbone,
+        "strides": list(defaults.strides),
+        "image_size": defaults.image_size,
+        "seed": 0,
+    }
     base = next((r for r in records if r["name"] == "base-seed0"), None)
     chosen_run = next(
         (r for r in records if r["settings"] == wanted and "20" in r["budgets"]), None
