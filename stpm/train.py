@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
-from .model import StudentTeacher, anomaly_map, feature_loss, image_scores, per_image_loss
+from .model import AnomalyMapModel, MapSettings, StudentTeacher, feature_loss, per_image_loss
 
 
 @dataclass
@@ -74,7 +74,7 @@ def train_student(
     mean: Sequence[float],
     std: Sequence[float],
     settings: TrainSettings,
-    map_settings: dict,
+    map_settings: MapSettings,
     device: torch.device,
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
@@ -175,7 +175,7 @@ def train_student(
 
 def _batch(images: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> normalised channels-last (B, 3, H, W) on device."""
-    normalized = data.normalize(images, mean, std).to(device)
+    normalized = torch.from_numpy(data.normalize(images.numpy(), mean, std)).to(device)
     return normalized.contiguous(memory_format=torch.channels_last)
 
 
@@ -215,10 +215,14 @@ def _per_image(network, images, mean, std, settings, device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _validation_scores(network, images, mean, std, settings, map_settings, device) -> torch.Tensor:
-    network.eval()
-    scores = []
-    for batch in images.split(settings.batch_size):
-        features = network(_batch(batch, mean, std, device))
-        scores.append(image_scores(anomaly_map(*features, batch.shape[1:3], **map_settings)).cpu())
-    return torch.cat(scores)
+def _validation_scores(
+    network, images, mean, std, settings, map_settings: MapSettings, device
+) -> torch.Tensor:
+    """Image scores of the validation images, through the same map model prediction runs."""
+    model = AnomalyMapModel(network, map_settings).eval()
+    return torch.cat(
+        [
+            model(_batch(batch, mean, std, device))[1].cpu()
+            for batch in images.split(settings.batch_size)
+        ]
+    )

@@ -5,20 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; inspection boxes and CI have no screen
+from .files import atomic_write
 
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .files import atomic_write  # noqa: E402
+# Figures are drawn on Figure objects of their own, never through pyplot: the caller's matplotlib
+# backend (a notebook's, a GUI's) is left as it was, and no screen is needed.
 
 
 def plot_loss_curve(history: list[dict], path: str | Path, best_epoch: int | None = None) -> Path:
     """Training (and validation) loss per epoch, the kept epoch marked; written as PNG."""
     epochs = [record["epoch"] for record in history]
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axis = figure.subplots()
     axis.plot(epochs, [record["loss"] for record in history], marker="o", label="training loss")
     if history and "validation_loss" in history[0]:
         validation = [record["validation_loss"] for record in history]
@@ -85,7 +85,8 @@ def comparison_grid(
     rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path
 ) -> Path:
     """One row per image: the image, its ground-truth mask, the heatmap overlay. PNG."""
-    figure, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), dpi=100, squeeze=False)
+    figure = Figure(figsize=(9, 3 * len(rows)), dpi=100)
+    axes = figure.subplots(len(rows), 3, squeeze=False)
     for row_axes, (title, image, mask, overlay) in zip(axes, rows, strict=True):
         for axis, picture, name in zip(
             row_axes, (image, mask, overlay), ("image", "ground truth", "anomaly map"), strict=True
@@ -106,13 +107,15 @@ def comparison_grid(
 
 def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path) -> Path:
     """ROC curves, one per name: (false-positive rate, true-positive rate, AUROC)."""
-    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    figure = Figure(figsize=(5, 5), dpi=100)
+    axis = figure.subplots()
     for name, (fpr, tpr, area) in curves.items():
         axis.plot(fpr, tpr, label=f"{name} (AUROC {area:.3f})")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axis.set_xlabel("false-positive rate")
     axis.set_ylabel("true-positive rate")
-    axis.legend(loc="lower right")
+    if curves:
+        axis.legend(loc="lower right")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return _save(figure, path)
@@ -122,7 +125,8 @@ def score_histogram(
     good: np.ndarray, defective: np.ndarray, threshold: float | None, path: str | Path
 ) -> Path:
     """Image scores of good and defective test images, with the model's threshold."""
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axis = figure.subplots()
     bins = np.histogram_bin_edges(np.r_[good, defective], bins=40)
     axis.hist(good, bins=bins, alpha=0.6, label=f"good ({len(good)})", color="tab:blue")
     axis.hist(
@@ -139,5 +143,4 @@ def score_histogram(
 
 def _save(figure, path: str | Path) -> Path:
     atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
-    plt.close(figure)
     return Path(path)

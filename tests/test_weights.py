@@ -19,7 +19,7 @@ def classify(model: torch.nn.Module, image: np.ndarray) -> int:
     top, left = (height - side) // 2, (width - side) // 2
     crop = data.resize(image[top : top + side, left : left + side], (224, 224))
     config = model.pretrained_cfg
-    batch = data.normalize(torch.from_numpy(crop)[None], config["mean"], config["std"])
+    batch = torch.from_numpy(data.normalize(crop[None], config["mean"], config["std"]))
     with torch.inference_mode():
         return int(model.eval()(batch).argmax())
 

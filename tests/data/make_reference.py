@@ -33,9 +33,10 @@ def main() -> None:
         category = make_category(Path(folder) / "tiles")
         model = STPM(**{**TINY, "epochs": 3}).fit(category)
         model.save(HERE / "v1_tiny_model.pt")
-        images = sorted((category / "test").rglob("*.png"))[:2] + sorted(
-            (category / "test").rglob("*.png")
-        )[-2:]
+        images = (
+            sorted((category / "test").rglob("*.png"))[:2]
+            + sorted((category / "test").rglob("*.png"))[-2:]
+        )
         for index, path in enumerate(images):
             (HERE / f"image_{index}.png").write_bytes(path.read_bytes())
     paths = [HERE / f"image_{index}.png" for index in range(4)]

@@ -1,0 +1,143 @@
+"""The model description and the model file: one schema for `model.pt` and the ONNX metadata.
+
+A model file is one torch file of plain tensors, numbers and strings (the description's fields,
+plus "student": the student's state dict), so it loads with `torch.load(weights_only=True)`:
+a crafted pickle cannot run code. An ONNX export carries the same description, without the
+student, as JSON in its metadata.
+
+Format versions (a reader accepts every version up to its own and fills in what is missing):
+  1  stpm 0.1: the fields below except student_kind
+  2  stpm 0.2: student_kind (the student's architecture; "same" = the teacher's)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import StpmError
+from .files import atomic_write
+from .model import MapSettings
+from .version import __version__
+
+FORMAT = "stpm-model"
+FORMAT_VERSION = 2
+ONNX_METADATA_KEY = "stpm"
+ADDED_IN_VERSION_2 = {"student_kind": "same"}
+
+
+@dataclass
+class ModelDescription:
+    """Everything needed to rebuild and run a trained model, except the weights themselves."""
+
+    backbone: str
+    strides: list[int]
+    out_indices: list[int]
+    image_size: list[int]  # (height, width) of the network's input
+    mean: list[float]  # the teacher's input normalisation, per RGB channel, in [0, 1] units
+    std: list[float]
+    combine: str
+    smoothing_sigma: float
+    teacher: dict  # source (where the weights came from) and sha256 (of their tensors)
+    validation: dict  # scores, mean, std of defect-free validation images; threshold_rule
+    threshold: float | None
+    settings: dict  # the training settings
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, validation_loss, ...
+    best_epoch: int | None = None
+    student_kind: str = "same"
+
+    def map_settings(self) -> MapSettings:
+        return MapSettings(tuple(self.image_size), self.combine, float(self.smoothing_sigma))
+
+    def to_dict(self) -> dict:
+        """Plain numbers, strings, lists and dicts, with the format's name and version first."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "stpm_version": __version__,
+            **dataclasses.asdict(self),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict, path: str | Path) -> ModelDescription:
+        """Validate a file's description (ours, complete, not from a newer stpm) and upgrade it."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise StpmError(f"{path} is not an stpm model file")
+        version = state.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StpmError(
+                f"{path} was written by a newer stpm ({state.get('stpm_version')}); upgrade stpm"
+            )
+        state = {**ADDED_IN_VERSION_2, **state} if version < 2 else state
+        names = {item.name for item in dataclasses.fields(cls)}
+        required = {item.name for item in dataclasses.fields(cls) if _required(item)}
+        missing = sorted(required - set(state))
+        if missing:
+            raise StpmError(f"{path} is an incomplete stpm model file (no {', '.join(missing)})")
+        return cls(**{name: value for name, value in state.items() if name in names})
+
+
+def _required(item: dataclasses.Field) -> bool:
+    return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+
+
+def load_untrusted(path: Path, what: str):
+    """torch.load with weights_only=True: plain tensors and containers, never arbitrary code.
+
+    Garbage makes torch's restricted unpickler fail in many ways (IndexError, KeyError, ...),
+    so any exception here means the same thing to the user: not a readable file of ours.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "unusual pickle protocol" noise on garbage input
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise StpmError(f"{path} is not a readable {what} ({first_line[:160]})") from None
+
+
+def read_model_file(path: str | Path) -> tuple[ModelDescription, dict[str, torch.Tensor]]:
+    """A `.pt` model file's description and the student's state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise StpmError(f"model file not found: {path}")
+    state = load_untrusted(path, "stpm model file")
+    description = ModelDescription.from_dict(state, path)
+    student = state.get("student")
+    if not isinstance(student, dict) or not all(
+        isinstance(value, torch.Tensor) for value in student.values()
+    ):
+        raise StpmError(f"{path} is an incomplete stpm model file (no student weights)")
+    return description, student
+
+
+def write_model_file(
+    path: str | Path, description: ModelDescription, student: dict[str, torch.Tensor]
+) -> Path:
+    """Write the model file atomically (a crash leaves the old file or the new one)."""
+    state = {
+        **description.to_dict(),
+        "student": {name: tensor.detach().cpu() for name, tensor in student.items()},
+    }
+    return atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+
+def onnx_metadata(description: ModelDescription) -> tuple[str, str]:
+    """(key, value) of the ONNX metadata entry that carries the description."""
+    return ONNX_METADATA_KEY, json.dumps(description.to_dict())
+
+
+def description_from_onnx_metadata(metadata: dict[str, str], path: str | Path) -> ModelDescription:
+    """The description an `stpm-export` file carries in its metadata."""
+    if ONNX_METADATA_KEY not in metadata:
+        raise StpmError(f"{path} is an ONNX file but not one written by stpm-export")
+    try:
+        state = json.loads(metadata[ONNX_METADATA_KEY])
+    except json.JSONDecodeError:
+        raise StpmError(f"{path}: its stpm metadata is not valid JSON") from None
+    return ModelDescription.from_dict(state, path)

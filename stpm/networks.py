@@ -1,0 +1,128 @@
+"""The teacher and student feature pyramids: which timm backbone, which levels, and how it is cut.
+
+Contract: (B, 3, H, W) normalised images in, one feature map per level out, with the teacher's
+channels and strides. The teacher is frozen (ImageNet weights, eval mode); the student is built
+by `build_student(kind, teacher)`. Today there is one kind, "same": the teacher's architecture
+with random weights (the paper). A new kind is a new branch there, nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from . import weights
+from .errors import StpmError
+
+STUDENT_KINDS = ("same",)
+
+
+def pyramid_indices(backbone: str, strides: Sequence[int]) -> tuple[int, ...]:
+    """timm out_indices of the deepest feature map at each stride (4, 8, 16 -> layer1..3)."""
+    reductions = timm.create_model(
+        backbone, features_only=True, pretrained=False
+    ).feature_info.reduction()
+    indices = []
+    for stride in strides:
+        matches = [index for index, reduction in enumerate(reductions) if reduction == stride]
+        if not matches:
+            raise StpmError(
+                f"{backbone} has no feature map at stride {stride}; it has {reductions}"
+            )
+        indices.append(matches[-1])
+    return tuple(indices)
+
+
+def build_teacher(
+    backbone: str, out_indices: tuple[int, ...], weights_file: Path | None
+) -> tuple[nn.Module, str]:
+    """The frozen ImageNet teacher, cut after its deepest level, and the SHA-256 of its weights.
+
+    The fingerprint covers the whole pretrained feature extractor, before the cut, so that it
+    names the weights file whatever levels a model uses.
+    """
+    teacher = weights.create_backbone(backbone, out_indices, weights_file)
+    fingerprint = weights.weights_fingerprint(teacher)
+    return drop_unused_blocks(teacher).eval().requires_grad_(False), fingerprint
+
+
+def build_student(kind: str, teacher: nn.Module) -> nn.Module:
+    """A student with random weights whose levels match the teacher's channels and strides."""
+    if kind not in STUDENT_KINDS:
+        raise StpmError(f"unknown student {kind!r}; choose from {', '.join(STUDENT_KINDS)}")
+    architecture = teacher.pretrained_cfg["architecture"]
+    out_indices = tuple(teacher.feature_info.out_indices)
+    return drop_unused_blocks(weights.create_backbone(architecture, out_indices, False))
+
+
+def drop_unused_blocks(features: nn.Module) -> nn.Module:
+    """Cut the blocks after the deepest level we compare, in place.
+
+    timm's EfficientNet and MobileNet feature extractors run every block even when the deepest
+    level asked for is at stride 16: for EfficientNet-Lite0 at strides 4/8/16 that is a third of
+    the FLOPs spent on stride-32 blocks whose output is thrown away. (timm's generic wrapper,
+    used for ResNets, already stops at the last level.)
+    """
+    blocks = getattr(features, "blocks", None)
+    names = features.feature_info.module_name() if hasattr(features, "feature_info") else []
+    if not isinstance(blocks, nn.Sequential) or not names:
+        return features
+    if not all(name.startswith("blocks.") for name in names):
+        return features
+    deepest = max(int(name.split(".")[1]) for name in names)
+    features.blocks = blocks[: deepest + 1]
+    return features
+
+
+def fixed_same_padding(network: nn.Module, size: tuple[int, int]) -> nn.Module:
+    """A copy of network whose TensorFlow-style 'same' convolutions pad by fixed amounts.
+
+    timm's Conv2dSame works its padding out from the input's shape on every call. Traced into
+    ONNX that is about 150 small shape operations (Shape, Gather, Ceil, Cast, Div...) and a Pad
+    that ONNX Runtime cannot fold into the convolution. The input size of a model is fixed, so
+    the padding is too.
+    """
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    network = copy.deepcopy(network).cpu().eval()
+    shapes: dict[nn.Module, tuple[int, int]] = {}
+
+    def remember(module: nn.Module, inputs: tuple) -> None:
+        shapes[module] = tuple(inputs[0].shape[-2:])
+
+    same = [module for module in network.modules() if isinstance(module, Conv2dSame)]
+    hooks = [module.register_forward_pre_hook(remember) for module in same]
+    with torch.no_grad():
+        network(torch.zeros((1, 3, *size)))
+    for hook in hooks:
+        hook.remove()
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if child not in shapes:
+                continue
+            height, width = (
+                get_same_padding(side, kernel, stride, dilation)
+                for side, kernel, stride, dilation in zip(
+                    shapes[child], child.kernel_size, child.stride, child.dilation, strict=True
+                )
+            )
+            plain = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                0,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
+            )
+            plain.load_state_dict(child.state_dict())
+            padding = (width // 2, width - width // 2, height // 2, height - height // 2)
+            setattr(parent, name, nn.Sequential(nn.ZeroPad2d(padding), plain))
+    return network

@@ -1,0 +1,174 @@
+"""Score many image files into a folder: overlays, masks, a CSV and a summary (stpm-predict's job).
+
+`score_files(detector, inputs, out)` is what the command runs; an inspection pipeline can call it
+the same way. Nothing is lost on a crash: each CSV line is flushed as soon as its image is
+scored, and every picture is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import data, visualize
+from .detector import STPM, Prediction
+from .errors import StpmError
+from .files import atomic_write, atomic_write_text
+
+CSV_COLUMNS = ("path", "score", "normalized_score", "verdict", "error")
+
+
+@dataclass
+class ScoringResult:
+    """What score_files wrote: one row per input (CSV_COLUMNS) and the summary.json content."""
+
+    rows: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[dict]:
+        return [row for row in self.rows if row["verdict"] == "error"]
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (recursive) and globs -> (image paths in order, inputs that matched nothing)."""
+    paths, missing = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = data.list_images(path, recursive=True)
+            if not found:
+                raise StpmError(
+                    f"no images in folder {path} (extensions: {', '.join(data.IMAGE_EXTENSIONS)})"
+                )
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(match) for match in glob.glob(item, recursive=True))
+            paths += [match for match in matches if match.is_file()]
+            if not matches:
+                missing.append(item)
+        else:
+            missing.append(item)
+    return list(dict.fromkeys(paths)), missing
+
+
+def score_files(
+    detector: STPM,
+    inputs: list[str],
+    out: str | Path,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    save_maps: bool = False,
+    images: bool = True,
+    progress: bool = True,
+) -> ScoringResult:
+    """Score every image of inputs (files, folders, globs) into out.
+
+    Writes predictions.csv (CSV_COLUMNS, one line per input, errors included), summary.json and,
+    unless images=False, <stem>_overlay.png and <stem>_mask.png (plus <stem>_map.npy with
+    save_maps) in sub-folders that mirror the inputs' folders. A bad image is a CSV row with
+    verdict "error", not an exception.
+    """
+    out = Path(out)
+    threshold = detector.threshold_ if threshold is None else float(threshold)
+    paths, missing = expand_inputs(inputs)
+    if not paths and not missing:
+        raise StpmError(f"no images found in {' '.join(inputs)}")
+    base = _common_parent(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    result, started = ScoringResult(), time.perf_counter()
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for path in missing:
+            result.rows.append(_write_row(writer, handle, path, None, f"no such file: {path}"))
+        outcomes = detector.predict_iter(
+            paths, threshold=threshold, batch_size=batch_size, keep_images=images
+        )
+        for source, outcome in tqdm(
+            outcomes, total=len(paths), unit="img", disable=not progress or len(paths) <= 3
+        ):
+            if isinstance(outcome, StpmError):
+                result.rows.append(_write_row(writer, handle, source, None, str(outcome)))
+                continue
+            if images:
+                _write_images(Path(source), base, out, outcome, threshold, save_maps)
+            result.rows.append(_write_row(writer, handle, source, outcome, ""))
+    verdicts = [row["verdict"] for row in result.rows]
+    result.summary = {
+        "threshold": threshold,
+        "images": len(result.rows),
+        "anomalous": verdicts.count("anomalous"),
+        "good": verdicts.count("good"),
+        "failed": verdicts.count("error"),
+        "seconds": round(time.perf_counter() - started, 3),
+        "runtime": detector.runtime_.name,
+        "threads": detector.runtime_.threads,
+        "outputs": str(out),
+    }
+    return result
+
+
+def write_summary(result: ScoringResult, out: str | Path, **extra) -> Path:
+    """summary.json: the counts, the threshold, the runtime, and what extra adds (the model)."""
+    summary = {**extra, **result.summary}
+    return atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _common_parent(paths: list[Path]) -> Path:
+    """Outputs mirror the inputs' folders below this one, so equal names never collide."""
+    parents = [path.resolve().parent for path in paths]
+    if not parents:
+        return Path(".")
+    common = parents[0]
+    while not all(parent.is_relative_to(common) for parent in parents):
+        common = common.parent
+    return common
+
+
+def _write_images(
+    path: Path, base: Path, out: Path, prediction: Prediction, threshold: float, save_map: bool
+) -> None:
+    folder = out / path.resolve().parent.relative_to(base)
+    image = prediction.image if prediction.image is not None else data.read_image(path)
+    verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
+    label = f"{verdict} {prediction.normalized_score:.2f} (raw {prediction.score:.4g})"
+    overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, threshold, label)
+    visualize.write_png(folder / f"{path.stem}_overlay.png", overlay)
+    visualize.write_png(folder / f"{path.stem}_mask.png", prediction.mask.astype(np.uint8) * 255)
+    if save_map:
+        atomic_write(
+            folder / f"{path.stem}_map.npy",
+            lambda temporary: _write_npy(temporary, prediction.anomaly_map),
+        )
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would append .npy to a bare name
+        np.save(handle, array)
+
+
+def _write_row(writer, handle, source, prediction: Prediction | None, error: str) -> dict:
+    """One CSV line, flushed at once: a crash loses at most the image in flight."""
+    if prediction is None:
+        row = dict(path=str(source), score="", normalized_score="", verdict="error", error=error)
+    else:
+        row = dict(
+            path=str(source),
+            score=f"{prediction.score:.6g}",
+            normalized_score=f"{prediction.normalized_score:.4f}",
+            verdict="anomalous" if prediction.is_anomalous else "good",
+            error="",
+        )
+    writer.writerow(row.values())
+    handle.flush()
+    return row

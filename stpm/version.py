@@ -1,0 +1,3 @@
+"""The package's version, written into every model file it saves."""
+
+__version__ = "0.2.0"
