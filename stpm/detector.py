@@ -213,15 +213,9 @@ class STPM(BaseEstimator):
         return self._train_settings(), MapSettings(sides, self.combine, float(self.smoothing_sigma))
 
     def _train_settings(self) -> TrainSettings:
-        return TrainSettings(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            validation_fraction=self.validation_fraction,
-            seed=self.seed,
-        )
+        """The training loop's settings: the constructor arguments of the same names."""
+        fields = dataclasses.fields(TrainSettings)
+        return TrainSettings(**{item.name: getattr(self, item.name) for item in fields})
 
     def _build_network(self, input_size: tuple[int, int]) -> StudentTeacher:
         """Teacher with ImageNet weights, student of the chosen kind with random weights."""

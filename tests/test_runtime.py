@@ -65,9 +65,7 @@ def test_auto_keeps_onnx_runtime_for_onnx_files_and_torch_for_pt(trained, onnx_f
         ("tensorrt", ".onnx", "unknown runtime"),
     ],
 )
-def test_a_runtime_that_cannot_run_the_file_says_so(
-    trained, onnx_file, runtime, suffix, message
-):
+def test_a_runtime_that_cannot_run_the_file_says_so(trained, onnx_file, runtime, suffix, message):
     _, run_dir = trained
     path = onnx_file if suffix == ".onnx" else run_dir / "model.pt"
     with pytest.raises(StpmError, match=message):
