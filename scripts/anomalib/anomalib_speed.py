@@ -1,20 +1,26 @@
 """Time anomalib 2.7.0's deployable Stfpm inference paths on an MVTec-layout folder, for `stpm`.
 
-Why: `scripts/anomalib_runner.py` times anomalib's Stfpm as a Lightning module in eager torch.
-A user who deploys anomalib would rather export the trained model and run it with anomalib's
-own inferencers, possibly through OpenVINO and INT8. This script measures those paths on the
-same trained checkpoint, one path per process, so that `scripts/benchmark_speed.py` can put them
-next to `stpm`'s. Only anomalib's public API is used (`Stfpm.load_from_checkpoint`,
+Why: `scripts/anomalib/anomalib_runner.py` times anomalib's Stfpm as a Lightning module in
+eager torch. A user who deploys anomalib would rather export the trained model and run it with
+anomalib's own inferencers, possibly through OpenVINO, BF16 and INT8. This script measures those
+paths on the same trained checkpoint, one path per process, so that `scripts/benchmark_speed.py`
+can put them next to `stpm`'s. Only anomalib's public API is used (`Stfpm.load_from_checkpoint`,
 `to_torch`, `to_openvino`, `TorchInferencer`, `OpenVINOInferencer`, `Folder`, `read_image`).
 
-Environment: anomalib's own venv (see `scripts/anomalib_runner.py`) plus the export stack:
+Environment: anomalib's own venv (see `scripts/anomalib/anomalib_runner.py`) plus the export
+stack:
     /work/anomalib-venv/bin/pip install openvino nncf onnx onnxruntime onnxscript
 (`onnxscript` is required: anomalib 2.7.0 exports to ONNX with torch's dynamo exporter only, and
 `to_openvino` goes through ONNX). Tested with openvino 2026.4.1, nncf 3.4.0, torch 2.14.1.
 
+It imports scripts/benchkit.py and scripts/anomalib/anomalib_runner.py, found through
+PYTHONPATH: scripts/benchmark_speed.py sets it when it launches this script; by hand, from the
+repository root, first
+    export PYTHONPATH=$PWD/scripts:$PWD/scripts/anomalib
+
 Step 1, export once (offline; the teacher is rebuilt from a local timm state dict, the trained
 weights then come from the checkpoint):
-    /work/anomalib-venv/bin/python scripts/anomalib_speed.py --export \
+    /work/anomalib-venv/bin/python scripts/anomalib/anomalib_speed.py --export \
         --checkpoint /work/bench20/anomalib/anomalib_work/Stfpm/train_only/v0/weights/lightning/model.ckpt \
         --teacher-weights /root/.cache/stpm/tf_efficientnet_lite0-579344248a93.pth \
         --data /work/mtd --export-dir /tmp/anomalib_exports --threads 1
@@ -30,9 +36,11 @@ writes, under --export-dir:
 `--threads` only matters for the export's own computation there.
 
 Step 2, one path per process (`nice`/`taskset` as wanted):
-    /work/anomalib-venv/bin/python scripts/anomalib_speed.py --path openvino-int8 \
+    /work/anomalib-venv/bin/python scripts/anomalib/anomalib_speed.py --path openvino-int8 \
         --export-dir /tmp/anomalib_exports --data /work/mtd --out /tmp/speed-ov-int8 --threads 1
-with --path torch | openvino-fp32 | openvino-int8.
+with --path torch | openvino-fp32 | openvino-bf16 | openvino-int8 (openvino-bf16: the FP32
+export compiled with INFERENCE_PRECISION_HINT bf16; only on CPUs where OpenVINO lists BF16).
+--limit N scores N test images spread over the set (a smoke test).
 
 What the exports compute: the checkpoint was saved with anomalib's post-processor, evaluator and
 visualiser disabled, and they are disabled again when it is loaded (asserted), so the exported
@@ -60,26 +68,33 @@ exports take only S x S input.) The torch path's `predict` runs under `torch.inf
 (TorchInferencer itself does not disable autograd).
 
 Measured (`result.json`; per-image latencies, raw scores and maps in `maps.npz`):
-  (a) one image at a time, in test order, one untimed warm-up first; each latency covers
-      read_image + resize + `predict` + taking the score and map out as numpy:
-      median_latency_ms, images_per_second = images / total time of the loop.
+  (a) one image at a time, in test order, exactly as scripts/benchmark_speed.py times stpm
+      (benchkit.time_one_at_a_time): a timed first call after loading (first_call_ms), an
+      untimed warm-up, then every image; each latency covers read_image + resize + `predict` +
+      taking the score and map out as numpy: median_latency_ms, p99_latency_ms,
+      inference_images_per_second = images / total time of the loop.
   (b) batches of --batch-size (16) images: read + resize + stack + `predict` on the (B, 3, S, S)
       batch (both inferencers take a batch), one untimed warm-up batch first:
       batch_images_per_second (end to end) and batch_model_images_per_second (`predict` alone).
       The batch scores are checked against (a)'s (max relative difference in result.json).
-  (c) peak_rss_mb: VmHWM of the process (imports of torch/anomalib included on every path,
-      as are the saved N x S x S float32 maps, ~0.26 MB per image).
+  (c) peak_rss_mb: VmHWM of the process after (a) and (b) (imports of torch/anomalib included
+      on every path, as are pass (a)'s N S x S float32 maps, ~0.26 MB per image, read before
+      they are copied into one array for maps.npz, as scripts/benchmark_speed.py does).
+  (e) compiled_precision: what OpenVINO compiled to (its INFERENCE_PRECISION_HINT property);
+      cpu: benchkit.cpu_info(), the CPU and its AVX-512 / AMX flags.
   (d) maps.npz: `scores` (N,), `maps` (N, S, S) float32 from pass (a), `paths` relative to --data,
       `defects`, `latency_ms`; test order = test/<defect>/ folders sorted, files sorted inside
       (as `stpm.data.test_samples`).
 
 Threads: torch.set_num_threads(N) on every path (read/resize run in torch; the torch path's
 model too). OpenVINO: the CPU plugin gets {"INFERENCE_NUM_THREADS": N, "PERFORMANCE_HINT":
-"LATENCY", "INFERENCE_PRECISION_HINT": "f32"} through OpenVINOInferencer's `config`; the values
-the compiled model reports back are saved. f32 is explicit because on CPUs with bf16 support
-OpenVINO would otherwise run the "FP32" model in bf16. OpenVINOInferencer also turns on
-OpenVINO's model cache in ./openvino_cache of the current directory; the inferencer is created
-with --out as the current directory, so the cache lands there (it only speeds loading up).
+"LATENCY", "INFERENCE_PRECISION_HINT": P} through OpenVINOInferencer's `config`, P = "bf16" for
+openvino-bf16 and "f32" for openvino-fp32 and openvino-int8 (its layers left in floating point
+stay FP32, as in the FP32 path); the values the compiled model reports back are saved. f32 is
+explicit because on CPUs with bf16 support OpenVINO would otherwise run the "FP32" model in
+bf16. OpenVINOInferencer also turns on OpenVINO's model cache in ./openvino_cache of the current
+directory; the inferencer is created with --out as the current directory, so the cache lands
+there (it only speeds loading up).
 """
 
 from __future__ import annotations
@@ -89,25 +104,23 @@ import contextlib
 import json
 import math
 import os
-import statistics
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import benchkit
 import numpy as np
 import torch
 from torchvision.transforms.v2 import Resize
 
 # offline switches, set before timm, anomalib or huggingface_hub are imported (below, lazily)
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ[_var] = "1"
+os.environ.update(
+    dict.fromkeys(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"), "1")
+)
 
 BACKBONE = "tf_efficientnet_lite0"
 LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-PATHS = ("torch", "openvino-fp32", "openvino-int8")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # stpm.data's
 # anomalib asks for opset 14, torch's dynamo exporter writes 18 and fails to convert it down
 # (a logged traceback, then it keeps 18): ask for 18 directly, same graph, no noise
 ONNX_KWARGS = {"opset_version": 18}
@@ -117,37 +130,14 @@ OPENVINO_FILES = {
     "openvino-fp32": Path("weights/openvino/model_fp32.xml"),
     "openvino-int8": Path("weights/openvino/model_int8.xml"),
 }
-
-
-def peak_rss_mb() -> float:
-    """VmHWM, read as scripts/benchmark_speed.py reads it (it imports only numpy at the top)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchmark_speed import peak_rss_mb as ours
-
-    return ours()
-
-
-def use_local_teacher(weights: Path) -> None:
-    """anomalib_runner.py's offline teacher: anomalib rebuilds the teacher with pretrained=True
-    when it loads a checkpoint (the checkpoint's weights are loaded over it afterwards)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from anomalib_runner import use_local_teacher as patch_timm
-
-    patch_timm(weights)
-
-
-def images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def test_images(data: Path) -> list[Path]:
-    """test/<defect>/ folders sorted, images sorted inside each: stpm.data.test_samples' order."""
-    test = data / "test"
-    return [
-        image for d in sorted(p for p in test.iterdir() if p.is_dir()) for image in images_in(d)
-    ]
+# path -> (export file, the precision OpenVINO is asked to compute in); BF16 is the FP32 export
+# compiled for BF16, INT8 keeps f32 for the layers NNCF left in floating point
+OPENVINO_PATHS = {
+    "openvino-fp32": ("openvino-fp32", "f32"),
+    "openvino-bf16": ("openvino-fp32", "bf16"),
+    "openvino-int8": ("openvino-int8", "f32"),
+}
+PATHS = ("torch", *OPENVINO_PATHS)
 
 
 def versions() -> dict[str, str]:
@@ -173,7 +163,7 @@ def calibration_datamodule(data: Path, count: int, size: int, seed: int) -> Any:
     """
     from anomalib.data import Folder
 
-    n_train = len(images_in(data / "train" / "good"))
+    n_train = len(benchkit.images_in(data / "train" / "good"))
     common = {
         "name": "calibration",
         "root": data,
@@ -203,7 +193,10 @@ def calibration_datamodule(data: Path, count: int, size: int, seed: int) -> Any:
 def export(args: argparse.Namespace) -> None:
     from anomalib.deploy import CompressionType
     from anomalib.models import Stfpm
+    from anomalib_runner import use_local_teacher
 
+    # anomalib rebuilds the teacher with pretrained=True when it loads a checkpoint (the
+    # checkpoint's weights are loaded over it afterwards): from the local file, offline
     use_local_teacher(args.teacher_weights)
     model = Stfpm.load_from_checkpoint(
         args.checkpoint,
@@ -220,7 +213,7 @@ def export(args: argparse.Namespace) -> None:
     if args.image_size and size != (args.image_size, args.image_size):
         raise SystemExit(f"checkpoint resizes to {size}, not --image-size {args.image_size}")
 
-    n_train = len(images_in(args.data / "train" / "good"))
+    n_train = len(benchkit.images_in(args.data / "train" / "good"))
     count = min(args.calibration_images, n_train)
     datamodule = calibration_datamodule(args.data, count, size[0], args.seed)
     datamodule.setup("fit")  # to record the images; to_openvino's setup makes the same split
@@ -283,6 +276,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def load_inferencer(path: str, export_dir: Path, threads: int, workdir: Path) -> tuple[Any, dict]:
+    """anomalib's inferencer for path, and for OpenVINO what was asked and what it compiled to."""
     if path == "torch":
         from anomalib.deploy import TorchInferencer
 
@@ -290,14 +284,15 @@ def load_inferencer(path: str, export_dir: Path, threads: int, workdir: Path) ->
         return TorchInferencer(export_dir / TORCH_FILE, device="cpu"), {}
     from anomalib.deploy import OpenVINOInferencer
 
+    export, precision = OPENVINO_PATHS[path]
     config = {
         "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": precision,
     }
     with contextlib.chdir(workdir):  # the inferencer writes ./openvino_cache
         inferencer = OpenVINOInferencer(
-            export_dir / OPENVINO_FILES[path], device="CPU", config=config
+            export_dir / OPENVINO_FILES[export], device="CPU", config=config
         )
     compiled = inferencer.model
     reported = {}
@@ -332,21 +327,12 @@ def measure(args: argparse.Namespace) -> None:
         args.path, args.export_dir, args.threads, args.out
     )
     grad = torch.inference_mode() if args.path == "torch" else contextlib.nullcontext()
-    paths = test_images(args.data)
+    paths = benchkit.spread_subset(benchkit.test_images(args.data), args.limit)
     n = len(paths)
-    scores = np.empty(n, np.float32)
-    maps = np.empty((n, size, size), np.float32)
-    latencies = []
     with grad:
-        inferencer.predict(load(paths[0]))  # warm-up, not timed
-        loop_start = time.perf_counter()
-        for i, path in enumerate(paths):
-            t0 = time.perf_counter()
-            score, amap = outputs_of(inferencer.predict(load(path)), 1)
-            latencies.append(1000 * (time.perf_counter() - t0))
-            scores[i], maps[i] = score[0], amap[0]
-        single_seconds = time.perf_counter() - loop_start
-
+        outputs, latencies, single_seconds = benchkit.time_one_at_a_time(
+            lambda path: outputs_of(inferencer.predict(load(path)), 1), paths
+        )
         batch_scores = np.empty(n, np.float32)
         size_b = args.batch_size
         inferencer.predict(torch.stack([load(p) for p in paths[:size_b]]))  # warm-up
@@ -361,20 +347,19 @@ def measure(args: argparse.Namespace) -> None:
             )[0]
             model_seconds += time.perf_counter() - t0
         batch_seconds = time.perf_counter() - loop_start
-    peak_rss = peak_rss_mb()
+    peak_rss = benchkit.peak_rss_mb()  # before the maps are copied into one array, as for stpm
+    scores = np.concatenate([score for score, _ in outputs])
+    maps = np.concatenate([anomaly_map for _, anomaly_map in outputs])
 
     map_max = maps.reshape(n, -1).max(axis=1)
     score_vs_map = float(np.max(np.abs(scores - map_max) / np.maximum(np.abs(map_max), 1e-12)))
     batch_vs_single = float(np.max(np.abs(batch_scores - scores) / np.maximum(scores, 1e-12)))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from anomalib_runner import save_maps
-
-    save_maps(args.out / "maps.npz", args.data, paths, maps, scores, latencies)
+    benchkit.save_maps(args.out / "maps.npz", args.data, paths, maps, scores, latencies[1:])
     result = {
         "path": args.path,
         "test_images": n,
-        "median_latency_ms": statistics.median(latencies),
-        "images_per_second": n / single_seconds,
+        **benchkit.latency_summary(latencies),
+        "inference_images_per_second": n / single_seconds,
         "batch_size": size_b,
         "batches": math.ceil(n / size_b),
         "batch_images_per_second": n / batch_seconds,
@@ -382,6 +367,7 @@ def measure(args: argparse.Namespace) -> None:
         "peak_rss_mb": peak_rss,
         "threads": args.threads,
         "torch_threads": torch.get_num_threads(),
+        "compiled_precision": openvino_config.get("reported", {}).get("INFERENCE_PRECISION_HINT"),
         "openvino_config": openvino_config,
         "image_size": size,
         "map_shape": list(maps.shape[1:]),
@@ -390,14 +376,16 @@ def measure(args: argparse.Namespace) -> None:
         "export": {k: info[k] for k in ("checkpoint", "files", "export_seconds")}
         | {"calibration_images": info["calibration"]["images"]},
         "versions": versions(),
+        "cpu": benchkit.cpu_info(),
         "notes": {
             "outputs": "raw: anomaly_map (B,1,S,S) = Stfpm's product of per-layer maps, upsampled; "
             "pred_score = its max; no post-processor, no normalisation, no thresholds",
             "input": "read_image (RGB float [0,1]) + torchvision Resize((S,S), antialias=True) "
             "outside the model; the export's own Resize (no antialias) + ImageNet Normalize are "
             "in the graph (the Resize is a no-op at S x S)",
-            "single": "batch 1, one untimed warm-up; latency = read + resize + predict + outputs "
-            "to numpy; images_per_second = images / total loop time",
+            "single": "batch 1: a timed first call after loading (first_call_ms), one untimed "
+            "warm-up, then every image; latency = read + resize + predict + outputs to numpy; "
+            "median and p99 over the loop; inference_images_per_second = images / loop time",
             "batch": "batches of batch_size (last one partial), one untimed warm-up batch; "
             "batch_images_per_second includes read + resize + stack, "
             "batch_model_images_per_second counts predict (+ outputs to numpy) only",
@@ -407,7 +395,7 @@ def measure(args: argparse.Namespace) -> None:
         },
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "notes"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("notes", "cpu")}, indent=2))
 
 
 def main() -> None:
@@ -423,7 +411,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="--export: calibration sample")
     parser.add_argument("--out", type=Path, help="--path: output folder")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=benchkit.BATCH_SIZE)
+    parser.add_argument("--limit", type=int, help="--path: N test images spread over the set")
     args = parser.parse_args()
     if not (args.export or args.path):
         parser.error("nothing to do: give --export and/or --path")

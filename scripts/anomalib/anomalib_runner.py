@@ -21,11 +21,15 @@ Anomalib lives in its own virtual environment (it pins its own torch/lightning s
 (that pulls torch, torchvision, timm, lightning, kornia, torchmetrics... all that Stfpm and
 Patchcore need for CPU training and inference; openvino/nncf are not needed here).
 
-Run (offline; the backbone comes from a local timm state dict, never from a hub):
-    /work/anomalib-venv/bin/python scripts/anomalib_runner.py --model stfpm --data /work/mtd \
+Run (offline; the backbone comes from a local timm state dict, never from a hub). It imports
+scripts/benchkit.py, found through PYTHONPATH (scripts/benchmark.py sets it when it launches
+this script); by hand, from the repository root:
+    PYTHONPATH=$PWD/scripts:$PWD/scripts/anomalib /work/anomalib-venv/bin/python \
+        scripts/anomalib/anomalib_runner.py --model stfpm --data /work/mtd \
         --teacher-weights /root/.cache/stpm/tf_efficientnet_lite0-579344248a93.pth \
         --epochs 20 --image-size 256 --seed 0 --out /tmp/anomalib-stfpm
-    /work/anomalib-venv/bin/python scripts/anomalib_runner.py --model patchcore --data /work/mtd \
+    PYTHONPATH=$PWD/scripts:$PWD/scripts/anomalib /work/anomalib-venv/bin/python \
+        scripts/anomalib/anomalib_runner.py --model patchcore --data /work/mtd \
         --teacher-weights /root/.cache/stpm/tf_efficientnet_lite0-579344248a93.pth \
         --image-size 256 --seed 0 --out /tmp/anomalib-patchcore
 
@@ -42,11 +46,12 @@ ModelCheckpoint has no monitor (it just saves the last epoch, which we do not re
 Images are resized to SxS in the dataset (they differ in size, so they must be before batching).
 
 Scoring: every image under test/ goes through the fitted model one at a time (batch 1,
-`eval()` + `torch.inference_mode()`), from file: anomalib's `read_image`, the same Resize as in
-training, then the module's own pre-processor (ImageNet Normalize) and the torch model. With no
-post-processor the outputs are raw: the anomaly map at SxS and the model's image score (Stfpm:
-the map's maximum; Patchcore: the paper's re-weighted nearest-neighbour distance, not the map's
-maximum, since its map is blurred).
+`eval()` + `torch.inference_mode()`, timed by benchkit.time_one_at_a_time as stpm is), from
+file: anomalib's `read_image`, the same Resize as in training, then the module's own
+pre-processor (ImageNet Normalize) and the torch model. With no post-processor the outputs are
+raw: the anomaly map at SxS and the model's image score (Stfpm: the map's maximum; Patchcore:
+the paper's re-weighted nearest-neighbour distance, not the map's maximum, since its map is
+blurred).
 
 Threads: on this 2-core machine, when another job holds a core, torch's default 2 threads stall
 (a batch-1 forward at 64 px went from ~22 ms median to ~650 ms mean); `--threads 1` avoids it.
@@ -58,19 +63,21 @@ from __future__ import annotations
 
 import os
 
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ[_var] = "1"
+# offline switches, set before timm, anomalib or huggingface_hub are imported
+os.environ.update(
+    dict.fromkeys(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"), "1")
+)
 
 import argparse
 import functools
 import json
 import math
 import resource
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import benchkit
 import numpy as np
 import timm
 import torch
@@ -90,19 +97,6 @@ LAYERS = {  # timm feature_info.module_name(), the names anomalib's TimmFeatureE
 }
 CORESET_SAMPLING_RATIO = 0.01
 NUM_NEIGHBORS = 9
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-
-
-def save_maps(target: Path, data: Path, paths, maps, scores, latencies) -> None:
-    """maps.npz as the benchmarks read it: maps and scores in test-image order, with their paths."""
-    np.savez_compressed(
-        target,
-        maps=maps,
-        scores=scores,
-        paths=np.array([p.relative_to(data).as_posix() for p in paths]),
-        defects=np.array([p.parent.name for p in paths]),
-        latency_ms=np.array(latencies, np.float32),
-    )
 
 
 def use_local_teacher(weights: Path) -> None:
@@ -137,10 +131,6 @@ def check_teacher(model: AnomalibModule, weights: Path) -> None:
     bad = [name for name, tensor in teacher.items() if not torch.equal(tensor, state[name])]
     if bad:
         raise RuntimeError(f"teacher not loaded from {weights}: {bad[:5]}")
-
-
-def test_images(data: Path) -> list[Path]:
-    return sorted(p for p in (data / "test").glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def build_model(name: str, size: int) -> AnomalibModule:
@@ -194,22 +184,20 @@ def time_coreset(model: Patchcore) -> dict[str, Any]:
 def score(
     model: AnomalibModule, paths: list[Path], resize: Resize, size: int
 ) -> tuple[np.ndarray, np.ndarray, list[float], float]:
-    """Raw maps and image scores, one image at a time from its file; per-image latencies in ms."""
-    maps = np.empty((len(paths), size, size), np.float32)
-    scores = np.empty(len(paths), np.float32)
+    """Raw maps (N, S, S) and image scores (N,), one image at a time from its file; latencies in
+    ms (the first call after fitting, then one per image) and the seconds of the timed loop."""
+
+    def score_one(path: Path) -> tuple[np.ndarray, float]:
+        output = model(resize(read_image(path, as_tensor=True))[None])
+        anomaly_map = output.anomaly_map.reshape(size, size).numpy()
+        return anomaly_map, float(output.pred_score.reshape(-1)[0])
+
     model.eval()
-    latencies: list[float] = []  # ms
     with torch.inference_mode():
-        model(resize(read_image(paths[0], as_tensor=True))[None])  # warm-up, not timed
-        loop_start = time.perf_counter()
-        for i, path in enumerate(paths):
-            t0 = time.perf_counter()
-            output = model(resize(read_image(path, as_tensor=True))[None])
-            maps[i] = output.anomaly_map.reshape(size, size).numpy()
-            scores[i] = float(output.pred_score.reshape(-1)[0])
-            latencies.append(1000 * (time.perf_counter() - t0))
-        inference_seconds = time.perf_counter() - loop_start
-    return maps, scores, latencies, inference_seconds
+        outputs, latencies, seconds = benchkit.time_one_at_a_time(score_one, paths)
+    maps = np.stack([anomaly_map for anomaly_map, _ in outputs]).astype(np.float32)
+    scores = np.asarray([image_score for _, image_score in outputs], np.float32)
+    return maps, scores, latencies, seconds
 
 
 def stfpm_notes(size: int) -> dict[str, str]:
@@ -225,10 +213,10 @@ def stfpm_notes(size: int) -> dict[str, str]:
         "scores": "raw, un-normalised (no post-processor): score = max of the raw anomaly map; "
         "maps = anomalib's product over layers of 0.5*||t/|t| - s/|s|||^2, bilinearly upsampled to SxS",
         "timing": "train_seconds = wall time of engine.fit (includes dataloading and a last-epoch checkpoint "
-        "save); inference = batch 1, from file (read + resize + normalise + model), one untimed warm-up; "
-        "per-image latencies are in maps.npz latency_ms",
+        "save); inference = batch 1, from file (read + resize + normalise + model), a timed first call "
+        "(first_call_ms) and an untimed warm-up before the loop; per-image latencies are in maps.npz latency_ms",
         "paths": "relative to --data, sorted",
-        "peak_rss_mb": "ru_maxrss of this process; its child processes (e.g. DataLoader workers) are in peak_rss_children_mb",
+        "peak_rss_mb": "VmHWM of this process; its child processes (e.g. DataLoader workers) are in peak_rss_children_mb (ru_maxrss)",
     }
 
 
@@ -253,11 +241,11 @@ def patchcore_notes(size: int) -> dict[str, str]:
         f"patch to the {NUM_NEIGHBORS} bank neighbours of its nearest bank feature)[0], not the map's max",
         "timing": "train_seconds = wall time of engine.fit (feature extraction, dataloading, coreset, "
         "checkpoint save); coreset_seconds = anomalib's coreset step alone (Patchcore.fit); inference = "
-        "batch 1, from file (read + resize + normalise + model), one untimed warm-up; per-image latencies "
-        "are in maps.npz latency_ms",
+        "batch 1, from file (read + resize + normalise + model), a timed first call (first_call_ms) and an "
+        "untimed warm-up before the loop; per-image latencies are in maps.npz latency_ms",
         "paths": "relative to --data, sorted",
-        "peak_rss_mb": "ru_maxrss of this process (the coreset's working copies of the memory bank "
-        "dominate); its child processes (e.g. DataLoader workers) are in peak_rss_children_mb",
+        "peak_rss_mb": "VmHWM of this process (the coreset's working copies of the memory bank "
+        "dominate); its child processes (e.g. DataLoader workers) are in peak_rss_children_mb (ru_maxrss)",
     }
 
 
@@ -332,18 +320,18 @@ def main() -> None:
         assert "coreset_seconds" in coreset, "anomalib did not run the coreset step"
         assert coreset["patch_features"] == n_train * (size // 8) ** 2, coreset
 
-    paths = test_images(args.data)
+    paths = benchkit.test_images(args.data)
     maps, scores, latencies, inference_seconds = score(model, paths, resize, size)
 
-    save_maps(args.out / "maps.npz", args.data, paths, maps, scores, latencies)
+    benchkit.save_maps(args.out / "maps.npz", args.data, paths, maps, scores, latencies[1:])
     result = {"train_seconds": train_seconds}
     if isinstance(model, Patchcore):
         result["coreset_seconds"] = coreset["coreset_seconds"]
     result |= {
         "train_images_per_second": args.epochs * n_train / train_seconds,
         "inference_images_per_second": len(paths) / inference_seconds,
-        "median_latency_ms": statistics.median(latencies),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **benchkit.latency_summary(latencies),
+        "peak_rss_mb": benchkit.peak_rss_mb(),
         "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "epochs": args.epochs,
         "image_size": size,

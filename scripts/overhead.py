@@ -1,0 +1,203 @@
+"""What the library adds to one `predict(path)` call, beyond decoding and the runtime's own run.
+
+Usage:
+    python scripts/overhead.py --data /path/to/magnetic_tile --model MODEL.pt [--threads N]
+
+For each runtime (torch on the .pt; ONNX Runtime and OpenVINO on the FP32 export; OpenVINO in
+BF16 where the CPU has it; ONNX Runtime and OpenVINO on the INT8 export), in a process of its
+own, with the same model, threads and images:
+  - run:     the runtime alone on ready normalised tensors, call after call;
+  - decode:  `stpm.data.read_image` alone on the files;
+  - predict: `model.predict(path)`, one image per call, call after call (the camera case).
+Each is timed over --calls images after --warm-up calls; the three loops alternate in --rounds
+blocks so that a drift of the machine touches all three alike. The overhead is
+median(predict) - median(decode) - median(run); the bound is the larger of 1.5 ms and 15% of
+median(run). First-call latency is the first predict after loading (a line's first part).
+Results, with the CPU they were measured on: scripts/results/overhead.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import benchkit
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PATHS = {  # name -> (model file key, runtime, precision)
+    "torch": ("pt", "torch", "f32"),
+    "onnxruntime FP32": ("fp32", "onnxruntime", "f32"),
+    "openvino FP32": ("fp32", "openvino", "f32"),
+    "openvino BF16": ("fp32", "openvino", "bf16"),
+    "onnxruntime INT8": ("int8", "onnxruntime", "f32"),
+    "openvino INT8": ("int8", "openvino", "f32"),
+}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Child process: one runtime, timed as the module docstring says."""
+    from stpm import STPM, data
+
+    key, runtime, precision = PATHS[args.child]
+    started = time.perf_counter()
+    model = STPM.load(args.model, runtime=runtime, threads=args.threads, precision=precision)
+    load_ms = 1000 * (time.perf_counter() - started)
+    paths = benchkit.spread_subset(benchkit.test_images(args.data), args.calls)
+    tensors = [
+        data.normalize(
+            data.resize(data.read_image(path), model.input_size_)[None], model.mean_, model.std_
+        )
+        for path in paths
+    ]
+    started = time.perf_counter()
+    model.predict(paths[0])
+    first_ms = 1000 * (time.perf_counter() - started)
+    for path in paths[: args.warm_up]:
+        model.predict(path)
+    times: dict[str, list[float]] = {"run": [], "decode": [], "predict": []}
+    for block in np.array_split(np.arange(len(paths)), args.rounds):
+        for index in block:
+            times["run"].append(_timed(model.runtime_, tensors[index]))
+        for index in block:
+            times["decode"].append(_timed(data.read_image, paths[index]))
+        for index in block:
+            times["predict"].append(_timed(model.predict, paths[index]))
+    medians = {name: _summary(values)["median_ms"] for name, values in times.items()}
+    overhead = medians["predict"] - medians["decode"] - medians["run"]
+    bound = max(1.5, 0.15 * medians["run"])
+    return {
+        "path": args.child,
+        "runtime": model.runtime_.name,
+        "precision": getattr(model.runtime_, "precision", "f32"),
+        "threads": model.runtime_.threads,
+        "calls": len(paths),
+        "load_ms": load_ms,
+        "first_predict_ms": first_ms,
+        **{name: _summary(values) for name, values in times.items()},
+        "overhead_ms": overhead,
+        "bound_ms": bound,
+        "within_bound": overhead <= bound,
+    }
+
+
+def _summary(milliseconds: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": float(np.median(milliseconds)),
+        "p99_ms": float(np.percentile(milliseconds, 99)),
+    }
+
+
+def _timed(function, argument) -> float:
+    started = time.perf_counter()
+    function(argument)
+    return 1000 * (time.perf_counter() - started)
+
+
+def export_once(model: Path, data_folder: Path, work: Path) -> dict[str, Path]:
+    """The FP32 and INT8 ONNX files of model, made once per work folder with stpm-export."""
+    files = {"pt": model, "fp32": work / "model.onnx", "int8": work / "model-int8.onnx"}
+    work.mkdir(parents=True, exist_ok=True)
+    for key, flags in (("fp32", []), ("int8", ["--int8"])):
+        if not files[key].exists():
+            command = ["stpm-export", "--model", str(model), "--data", str(data_folder)]
+            subprocess.run([*command, "--out", str(files[key]), *flags], check=True)
+    return files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a prepared category folder")
+    parser.add_argument("--model", type=Path, required=True, help="a trained model.pt")
+    parser.add_argument("--work", type=Path, default=Path("overhead_work"))
+    parser.add_argument("--threads", type=int, help="default: stpm's own default")
+    parser.add_argument("--calls", type=int, default=240)
+    parser.add_argument("--warm-up", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--paths", nargs="+", choices=sorted(PATHS), default=list(PATHS))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--child", choices=sorted(PATHS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+    files = export_once(args.model, args.data, args.work)
+    results = []
+    for name in args.paths:
+        if name == "openvino BF16" and not benchkit.openvino_has_bf16():
+            print("openvino BF16: this CPU has no BF16 arithmetic, skipped", flush=True)
+            continue
+        command = [sys.executable, __file__, "--child", name, "--data", str(args.data)]
+        command += ["--model", str(files[PATHS[name][0]]), "--calls", str(args.calls)]
+        command += ["--warm-up", str(args.warm_up), "--rounds", str(args.rounds)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+        print(_row(results[-1]), flush=True)
+    settings = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "calls": args.calls,
+        "warm_up": args.warm_up,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "cpu": benchkit.cpu_info(),
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "overhead.json").write_text(
+        json.dumps({"settings": settings, "results": results}, indent=2) + "\n"
+    )
+    (args.results / "overhead.md").write_text(report(results, settings))
+    print((args.results / "overhead.md").read_text())
+
+
+HEADER = (
+    "path", "threads", "precision", "run median ms", "run p99 ms", "decode ms",
+    "predict median ms", "predict p99 ms", "first predict ms", "overhead ms", "bound ms", "",
+)  # fmt: skip
+
+
+def _row(result: dict) -> list[str]:
+    return [
+        result["path"],
+        str(result["threads"]),
+        result["precision"],
+        f"{result['run']['median_ms']:.2f}",
+        f"{result['run']['p99_ms']:.2f}",
+        f"{result['decode']['median_ms']:.2f}",
+        f"{result['predict']['median_ms']:.2f}",
+        f"{result['predict']['p99_ms']:.2f}",
+        f"{result['first_predict_ms']:.1f}",
+        f"{result['overhead_ms']:.2f}",
+        f"{result['bound_ms']:.2f}",
+        "within" if result["within_bound"] else "**over**",
+    ]
+
+
+def report(results: list[dict], settings: dict) -> str:
+    lines = [
+        "# Per-call overhead of `predict(path)`, one image at a time",
+        "",
+        f"CPU: {benchkit.cpu_line(settings['cpu'])}.",
+        f"Model: `{settings['model']}`; {settings['calls']} Magnetic Tile test images, "
+        f"{settings['warm_up']} warm-up calls, {settings['rounds']} alternating rounds; threads: "
+        f"{settings['threads'] or 'stpm default'}. Each path in its own process.",
+        "",
+        "Overhead = median(predict) - median(decode) - median(run); bound = max(1.5 ms, 15% of "
+        "median(run)). run: the runtime alone on ready tensors; decode: `read_image` alone; "
+        "predict: `model.predict(path)`.",
+        "",
+        *benchkit.markdown_table(HEADER, [_row(result) for result in results]),
+        "",
+        "Command: `python scripts/overhead.py --data DIR --model MODEL.pt`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
