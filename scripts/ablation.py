@@ -71,7 +71,8 @@ def level_maps(detector, images: torch.Tensor, batch_size: int = 16) -> torch.Te
     levels = []
     for batch in images.split(batch_size):
         normalized = data.normalize(batch.numpy(), detector.mean_, detector.std_)
-        levels.append(runtime.model.level_maps(torch.from_numpy(normalized).to(runtime.device)))
+        maps = runtime.model.level_maps(torch.from_numpy(normalized).to(runtime.device))
+        levels.append(torch.cat(maps, dim=1))
     return torch.cat(levels).cpu()
 
 
@@ -81,7 +82,8 @@ def combine_maps(levels: torch.Tensor, combine: str, sigma: float) -> torch.Tens
     from stpm.model import MapSettings, finish_map
 
     settings = MapSettings(tuple(levels.shape[-2:]), combine, sigma)
-    return torch.cat([finish_map(part, settings)[:, 0] for part in levels.split(64)])
+    parts = [finish_map(part.split(1, dim=1), settings)[:, 0] for part in levels.split(64)]
+    return torch.cat(parts)
 
 
 def score_variants(detector, samples, images) -> list[dict]:
