@@ -192,9 +192,7 @@ def _markdown(results: dict) -> str:
     header = "| defect | images | image AUROC | pixel AUROC | PRO (FPR <= 0.3) | F1-max |\n"
     header += "| --- | --- | --- | --- | --- | --- |\n"
     rows = [
-        f"| {name} | {images} | "
-        + " | ".join(f"{value:.3f}" if np.isfinite(value) else "-" for value in values)
-        + " |"
+        f"| {name} | {images} | " + " | ".join(_cell(value) for value in values) + " |"
         for name, images, values in _table_rows(results)
     ]
     return (
@@ -209,19 +207,17 @@ def _markdown(results: dict) -> str:
     )
 
 
+def _cell(value: float, width: int = 0) -> str:
+    """A metric with 3 decimals, or "-" where it could not be computed (NaN)."""
+    return f"{value:{width}.3f}" if np.isfinite(value) else "-".rjust(width)
+
+
 def format_table(results: dict) -> str:
     """The per-defect table as plain text, for the terminal."""
     lines = [
         f"{'defect':14s} {'images':>6s} {'img AUROC':>9s} {'px AUROC':>9s} {'PRO':>7s} {'F1-max':>7s}"
     ]
-    for name, images, (image_auroc, pixel_auroc, pro, f1) in _table_rows(results):
-        values = (
-            f"{v:.3f}" if np.isfinite(v) else "-" for v in (image_auroc, pixel_auroc, pro, f1)
-        )
-        lines.append(
-            f"{name:14s} {images:6d} "
-            + " ".join(
-                f"{value:>{width}s}" for value, width in zip(values, (9, 9, 7, 7), strict=True)
-            )
-        )
+    for name, images, values in _table_rows(results):
+        cells = (_cell(value, width) for value, width in zip(values, (9, 9, 7, 7), strict=True))
+        lines.append(f"{name:14s} {images:6d} " + " ".join(cells))
     return "\n".join(lines)
