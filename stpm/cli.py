@@ -107,6 +107,20 @@ def _train_parser() -> argparse.ArgumentParser:
     training.add_argument("--seed", type=int, default=defaults["seed"])
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     training.add_argument("--threads", type=int, help="CPU threads (default: torch's own)")
+    threshold = parser.add_argument_group("threshold")
+    threshold.add_argument(
+        "--max-false-alarms",
+        type=float,
+        metavar="SHARE",
+        help="set the threshold so that this share of defect-free validation images is "
+        "rejected, e.g. 0.01 (default: mean + 3 std of their scores)",
+    )
+    threshold.add_argument(
+        "--defects",
+        type=Path,
+        metavar="DIR",
+        help="defective images in hand: report what share of them the threshold catches",
+    )
     parser.add_argument(
         "--out", type=Path, help="run folder (default: runs/<category>/<timestamp>)"
     )
@@ -117,7 +131,7 @@ def _train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     if args.resume:
-        return _report_training(STPM.resume(args.resume, args.epochs), args.resume)
+        return _report_training(STPM.resume(args.resume, args.epochs), args.resume, args.defects)
     folder = data.category_dir(args.category, args.data, args.data_root)
     if args.download and not folder.is_dir():
         if not args.category:
@@ -143,17 +157,32 @@ def train_main(argv: list[str] | None = None) -> int:
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
         device=args.device,
         threads=args.threads,
-    ).fit(folder, run_dir=run_dir)
-    return _report_training(detector, run_dir)
+        max_false_alarms=args.max_false_alarms,
+    )
+    if args.defects is not None and not (args.defects.is_dir() and data.list_images(args.defects)):
+        raise StpmError(f"--defects: no images in {args.defects} (a folder of defective parts)")
+    detector.fit(folder, run_dir=run_dir)
+    return _report_training(detector, run_dir, args.defects)
 
 
-def _report_training(detector: STPM, run_dir: Path) -> int:
+def _report_training(detector: STPM, run_dir: Path, defects: Path | None = None) -> int:
     last = detector.history_[-1]
     print(
         f"trained {detector.backbone} on {detector.train_images_} images in "
         f"{detector.training_seconds_:.0f} s; final loss {last['loss']:.4f}, "
-        f"kept epoch {detector.best_epoch_}; threshold {detector.threshold_}"
+        f"kept epoch {detector.best_epoch_}; threshold {detector.threshold_} "
+        f"({detector.describe().validation['threshold_rule']} of the validation scores)"
     )
+    if defects is not None and detector.threshold_ is not None:
+        outcomes = [outcome for _, outcome in detector.predict_iter(data.list_images(defects))]
+        caught = sum(getattr(outcome, "is_anomalous", False) for outcome in outcomes)
+        unreadable = sum(isinstance(outcome, StpmError) for outcome in outcomes)
+        scored = len(outcomes) - unreadable
+        print(
+            f"the threshold catches {caught} of the {scored} defective images in {defects}"
+            + (f" ({caught / scored:.0%})" if scored else "")
+            + (f"; {unreadable} could not be read" if unreadable else "")
+        )
     print(f"run folder: {run_dir}")
     return 0
 
@@ -182,6 +211,13 @@ def _predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     parser.add_argument(
         "--threshold", type=float, help="raw-score threshold (default: the model's)"
+    )
+    parser.add_argument(
+        "--max-false-alarms",
+        type=float,
+        metavar="SHARE",
+        help="instead of --threshold: the quantile of the model's defect-free validation scores "
+        "that rejects this share of them, e.g. 0.01",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--save-maps", action="store_true", help="also write <stem>_map.npy")
@@ -235,12 +271,17 @@ def _load(args: argparse.Namespace) -> tuple[STPM, Path]:
 @_friendly
 def predict_main(argv: list[str] | None = None) -> int:
     args = _predict_parser().parse_args(argv)
+    if args.threshold is not None and args.max_false_alarms is not None:
+        raise StpmError("give --threshold or --max-false-alarms, not both")
     detector, model_path = _load(args)
+    threshold = args.threshold
+    if args.max_false_alarms is not None:
+        threshold = detector.threshold_at(args.max_false_alarms)
     result = scoring.score_files(
         detector,
         args.inputs,
         args.out,
-        threshold=args.threshold,
+        threshold=threshold,
         batch_size=args.batch_size,
         save_maps=args.save_maps,
         images=not args.no_images,

@@ -55,7 +55,9 @@ class STPM(BaseEstimator):
     strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3).
     image_size: input (height, width) or one side; combine: 'product' (the paper) or 'sum';
     smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; student: the
-    student's architecture ('same' as the teacher). threads: CPU threads for prediction (and
+    student's architecture ('same' as the teacher). max_false_alarms: the share of defect-free
+    images the threshold may reject (0.01: the 99th percentile of the validation scores); None
+    for mean + 3 std of those scores. threads: CPU threads for prediction (and
     torch's training), None for stpm.runtime.default_threads(). The defaults (strides 8, 16, 32,
     product, sigma 4) come from scripts/results/ablation.md: on Magnetic Tile they score 10
     points of image AUROC and 12 of pixel AUROC above the paper's settings, for 1.5 times the
@@ -70,6 +72,7 @@ class STPM(BaseEstimator):
         combine: str = "product",
         smoothing_sigma: float = 4.0,
         student: str = "same",
+        max_false_alarms: float | None = None,
         epochs: int = 20,
         batch_size: int = 32,
         learning_rate: float = 0.4,
@@ -87,6 +90,7 @@ class STPM(BaseEstimator):
         self.combine = combine
         self.smoothing_sigma = smoothing_sigma
         self.student = student
+        self.max_false_alarms = max_false_alarms
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -205,6 +209,7 @@ class STPM(BaseEstimator):
             raise StpmError("epochs and batch size must be at least 1")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise StpmError("the validation fraction must be in [0, 1)")
+        _check_false_alarms(self.max_false_alarms)
         size = self.image_size
         sides = (size, size) if isinstance(size, int) else tuple(size)
         if len(sides) != 2 or min(sides) < 32:
@@ -232,15 +237,40 @@ class STPM(BaseEstimator):
         return StudentTeacher(teacher, networks.build_student(self.student, teacher))
 
     def _set_validation(self, scores: Sequence[float]) -> None:
-        """Threshold from defect-free validation images only: mean + 3 std of their scores."""
+        """Threshold from defect-free validation images only, by the max_false_alarms rule."""
         self.validation_scores_ = [float(score) for score in scores]
         if len(scores) >= 2:
             values = np.asarray(scores, dtype=np.float64)
             self.validation_mean_ = float(values.mean())
             self.validation_std_ = float(values.std(ddof=1))
-            self.threshold_ = self.validation_mean_ + THRESHOLD_SIGMAS * self.validation_std_
+            if self.max_false_alarms is None:
+                self.threshold_ = self.validation_mean_ + THRESHOLD_SIGMAS * self.validation_std_
+            else:
+                self.threshold_ = self.threshold_at(self.max_false_alarms)
         else:
             self.validation_mean_ = self.validation_std_ = self.threshold_ = None
+
+    def set_threshold(self, max_false_alarms: float | None) -> STPM:
+        """Re-set threshold_ from the stored validation scores, without scoring anything:
+        at their (1 - max_false_alarms) quantile, or mean + 3 std for None."""
+        self._check_fitted()
+        _check_false_alarms(max_false_alarms)
+        self.max_false_alarms = max_false_alarms
+        self._set_validation(self.validation_scores_)
+        return self
+
+    def threshold_at(self, max_false_alarms: float) -> float:
+        """The raw score above which at most this share of the defect-free validation images
+        lie: their (1 - max_false_alarms) quantile, linearly interpolated."""
+        _check_false_alarms(max_false_alarms)
+        if len(getattr(self, "validation_scores_", [])) < 2:
+            raise StpmError("this model has fewer than 2 validation scores to take a quantile of")
+        return float(np.quantile(self.validation_scores_, 1.0 - max_false_alarms))
+
+    def _threshold_rule(self) -> str:
+        if self.max_false_alarms is None:
+            return f"mean + {THRESHOLD_SIGMAS:g} * std"
+        return f"quantile {1.0 - self.max_false_alarms:g}"
 
     # ------------------------------------------------------------------ prediction
 
@@ -365,13 +395,14 @@ class STPM(BaseEstimator):
                 "scores": list(self.validation_scores_),
                 "mean": self.validation_mean_,
                 "std": self.validation_std_,
-                "threshold_rule": f"mean + {THRESHOLD_SIGMAS:g} * std",
+                "threshold_rule": self._threshold_rule(),
             },
             threshold=self.threshold_,
             settings=dataclasses.asdict(self._train_settings()),
             history=list(getattr(self, "history_", [])),
             best_epoch=getattr(self, "best_epoch_", None),
             student_kind=self.student,
+            max_false_alarms=self.max_false_alarms,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -404,6 +435,7 @@ class STPM(BaseEstimator):
             combine=description.combine,
             smoothing_sigma=description.smoothing_sigma,
             student=description.student_kind,
+            max_false_alarms=description.max_false_alarms,
             device=device,
             threads=threads,
             **description.settings,
@@ -442,6 +474,13 @@ class STPM(BaseEstimator):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_false_alarms(max_false_alarms: float | None) -> None:
+    if max_false_alarms is not None and not 0.0 < max_false_alarms < 1.0:
+        raise StpmError(
+            f"the share of false alarms must be in (0, 1), e.g. 0.01, not {max_false_alarms}"
+        )
 
 
 def _decode(item) -> np.ndarray | StpmError:

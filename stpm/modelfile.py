@@ -7,7 +7,8 @@ student, as JSON in its metadata.
 
 Format versions (a reader accepts every version up to its own and fills in what is missing):
   1  stpm 0.1: the fields below except student_kind
-  2  stpm 0.2: student_kind (the student's architecture; "same" = the teacher's)
+  2  stpm 0.2: student_kind (the student's architecture; "same" = the teacher's) and
+     max_false_alarms (the threshold as a quantile of the validation scores)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .version import __version__
 FORMAT = "stpm-model"
 FORMAT_VERSION = 2
 ONNX_METADATA_KEY = "stpm"
-ADDED_IN_VERSION_2 = {"student_kind": "same"}
+ADDED_IN_VERSION_2 = {"student_kind": "same", "max_false_alarms": None}
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ModelDescription:
     history: list[dict] = field(default_factory=list)  # per epoch: loss, validation_loss, ...
     best_epoch: int | None = None
     student_kind: str = "same"
+    max_false_alarms: float | None = None  # the threshold rule: None for mean + 3 std
 
     def map_settings(self) -> MapSettings:
         return MapSettings(tuple(self.image_size), self.combine, float(self.smoothing_sigma))

@@ -130,3 +130,48 @@ def test_export_finds_the_data_folder_in_the_runs_config(trained, tmp_path, caps
     lone.write_bytes((run_dir / "model.pt").read_bytes())
     assert export_main(["--model", str(lone)]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_the_false_alarm_threshold_is_the_quantile_of_the_validation_scores(trained, tmp_path):
+    model, run_dir = trained
+    scores = model.validation_scores_
+    assert model.threshold_at(0.25) == pytest.approx(np.quantile(scores, 0.75))
+    with pytest.raises(StpmError, match=r"\(0, 1\)"):
+        model.threshold_at(1.5)
+    strict = STPM.load(run_dir / "model.pt", device="cpu").set_threshold(max_false_alarms=0.01)
+    assert strict.threshold_ == pytest.approx(np.quantile(scores, 0.99))
+    assert strict.set_threshold(None).threshold_ == pytest.approx(model.threshold_)
+    strict.set_threshold(0.01)
+    again = STPM.load(strict.save(tmp_path / "strict.pt"), device="cpu")
+    assert again.max_false_alarms == 0.01 and again.threshold_ == strict.threshold_
+    assert again.describe().validation["threshold_rule"] == "quantile 0.99"
+
+
+def test_cli_trains_to_a_false_alarm_share_and_reports_the_defects_caught(
+    category, tmp_path, capsys
+):
+    from stpm.cli import train_main
+
+    out = tmp_path / "run"
+    argv = ["--data", str(category), "--out", str(out), "--image-size", "64", "--epochs", "2"]
+    argv += ["--batch-size", "4", "--validation-fraction", "0.25", "--device", "cpu"]
+    defects = category / "test" / "scratch"
+    assert train_main([*argv, "--max-false-alarms", "0.1", "--defects", str(defects)]) == 0
+    printed = capsys.readouterr().out
+    assert "quantile 0.9 of the validation scores" in printed
+    assert "of the 3 defective images in" in printed
+    model = STPM.load(out / "model.pt", device="cpu")
+    assert model.threshold_ == pytest.approx(np.quantile(model.validation_scores_, 0.9))
+    assert train_main([*argv, "--max-false-alarms", "2"]) == 2
+    assert "(0, 1)" in capsys.readouterr().err
+
+
+def test_cli_predicts_at_a_false_alarm_share(trained, category, tmp_path, capsys):
+    model, run_dir = trained
+    out = tmp_path / "out"
+    argv = [str(category / "test"), "--model", str(run_dir / "model.pt"), "--out", str(out)]
+    assert predict_main([*argv, "--max-false-alarms", "0.5", "--no-images"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"] == pytest.approx(model.threshold_at(0.5))
+    assert predict_main([*argv, "--max-false-alarms", "0.5", "--threshold", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
