@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from . import data, networks, runtime, scoring
+from . import data, runtime, scoring
 from .detector import STPM
 from .errors import StpmError
 
@@ -75,9 +75,9 @@ def _train_parser() -> argparse.ArgumentParser:
     model.add_argument("--backbone", default=defaults["backbone"], help="any timm CNN")
     model.add_argument(
         "--student",
-        choices=networks.STUDENT_KINDS,
         default=defaults["student"],
-        help="the student's architecture ('same': the teacher's, random weights)",
+        help="the student's architecture: 'same' (the teacher's), 'slim' (Lite0 at half its "
+        "channels) or a timm CNN name; levels of another width get 1x1 projections",
     )
     model.add_argument(
         "--teacher-weights", type=Path, help="a timm state dict for the teacher (offline use)"

@@ -55,7 +55,8 @@ class STPM(BaseEstimator):
     strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3).
     image_size: input (height, width) or one side; combine: 'product' (the paper) or 'sum';
     smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; student: the
-    student's architecture ('same' as the teacher). max_false_alarms: the share of defect-free
+    student's architecture: 'same' as the teacher, 'slim' (Lite0 at half width) or a timm CNN
+    name (see stpm.networks). max_false_alarms: the share of defect-free
     images the threshold may reject (0.01: the 99th percentile of the validation scores); None
     for mean + 3 std of those scores. threads: CPU threads for prediction (and
     torch's training), None for stpm.runtime.default_threads(). The defaults (strides 8, 16, 32,
@@ -201,9 +202,10 @@ class STPM(BaseEstimator):
         """The constructor's arguments, checked and converted; raises StpmError on a bad one."""
         if not weights.backbone_exists(self.backbone):
             raise StpmError(f"unknown backbone {self.backbone!r}; any name from timm.list_models()")
-        if self.student not in networks.STUDENT_KINDS:
+        if not networks.student_exists(self.student):
             raise StpmError(
-                f"unknown student {self.student!r}; choose from {', '.join(networks.STUDENT_KINDS)}"
+                f"unknown student {self.student!r}; use {', '.join(networks.STUDENT_KINDS)} "
+                "or a timm CNN name"
             )
         if self.epochs < 1 or self.batch_size < 1:
             raise StpmError("epochs and batch size must be at least 1")

@@ -2,8 +2,14 @@
 
 Contract: (B, 3, H, W) normalised images in, one feature map per level out, with the teacher's
 channels and strides. The teacher is frozen (ImageNet weights, eval mode); the student is built
-by `build_student(kind, teacher)`. Today there is one kind, "same": the teacher's architecture
-with random weights (the paper). A new kind is a new branch there, nothing else.
+by `build_student(kind, teacher)`, always with random weights:
+  - "same": the teacher's architecture (the paper);
+  - "slim": EfficientNet-Lite0 at half its channels (for the default Lite0 teacher), built by
+    timm's own EfficientNet-Lite generator with channel_multiplier=0.5, since the public
+    `timm.create_model("tf_efficientnet_lite0")` fixes the multiplier at 1.0;
+  - any other timm CNN name (e.g. "resnet18"): that network, cut at the teacher's strides.
+A student whose level widths differ from the teacher's gets a 1x1 projection per level, trained
+with it and saved in the model file with its other weights.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torch import nn
 from . import weights
 from .errors import StpmError
 
-STUDENT_KINDS = ("same",)
+STUDENT_KINDS = ("same", "slim")  # or the name of a timm CNN
 
 
 def pyramid_indices(backbone: str, strides: Sequence[int]) -> tuple[int, ...]:
@@ -51,13 +57,61 @@ def build_teacher(
     return drop_unused_blocks(teacher).eval().requires_grad_(False), fingerprint
 
 
+def student_exists(kind: str) -> bool:
+    return kind in STUDENT_KINDS or weights.backbone_exists(kind)
+
+
 def build_student(kind: str, teacher: nn.Module) -> nn.Module:
     """A student with random weights whose levels match the teacher's channels and strides."""
-    if kind not in STUDENT_KINDS:
-        raise StpmError(f"unknown student {kind!r}; choose from {', '.join(STUDENT_KINDS)}")
     architecture = teacher.pretrained_cfg["architecture"]
     out_indices = tuple(teacher.feature_info.out_indices)
-    return drop_unused_blocks(weights.create_backbone(architecture, out_indices, False))
+    if kind == "same":
+        return drop_unused_blocks(weights.create_backbone(architecture, out_indices, False))
+    if kind == "slim":
+        features = _slim_lite0(architecture, out_indices)
+    elif weights.backbone_exists(kind):
+        features = weights.create_backbone(
+            kind, pyramid_indices(kind, teacher.feature_info.reduction()), False
+        )
+    else:
+        raise StpmError(
+            f"unknown student {kind!r}; use {', '.join(STUDENT_KINDS)} or a timm CNN name"
+        )
+    return ProjectedStudent(drop_unused_blocks(features), teacher.feature_info.channels())
+
+
+def _slim_lite0(architecture: str, out_indices: tuple[int, ...]) -> nn.Module:
+    if architecture != "tf_efficientnet_lite0":
+        raise StpmError(
+            f"the slim student is defined for tf_efficientnet_lite0, not {architecture}"
+        )
+    from timm.models.efficientnet import _gen_efficientnet_lite
+
+    return _gen_efficientnet_lite(
+        architecture,
+        channel_multiplier=0.5,
+        features_only=True,
+        out_indices=out_indices,
+        bn_eps=1e-3,  # tf_efficientnet_lite0's own settings: TF's BatchNorm epsilon
+        pad_type="same",  # and TF's 'same' padding
+    )
+
+
+class ProjectedStudent(nn.Module):
+    """A feature pyramid whose levels are mapped to the teacher's widths by 1x1 convolutions."""
+
+    def __init__(self, features: nn.Module, widths: list[int]) -> None:
+        super().__init__()
+        self.features = features
+        self.feature_info = features.feature_info
+        self.projections = nn.ModuleList(
+            nn.Identity() if have == want else nn.Conv2d(have, want, kernel_size=1)
+            for have, want in zip(features.feature_info.channels(), widths, strict=True)
+        )
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        levels = self.features(images)
+        return [project(level) for project, level in zip(self.projections, levels, strict=True)]
 
 
 def drop_unused_blocks(features: nn.Module) -> nn.Module:
