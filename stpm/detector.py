@@ -264,6 +264,8 @@ class STPM(BaseEstimator):
     def threshold_at(self, max_false_alarms: float) -> float:
         """The raw score above which at most this share of the defect-free validation images
         lie: their (1 - max_false_alarms) quantile, linearly interpolated."""
+        if max_false_alarms is None:
+            raise StpmError("name the share of false alarms, e.g. threshold_at(0.01)")
         _check_false_alarms(max_false_alarms)
         if len(getattr(self, "validation_scores_", [])) < 2:
             raise StpmError("this model has fewer than 2 validation scores to take a quantile of")
