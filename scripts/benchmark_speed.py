@@ -118,13 +118,11 @@ def export_ours(model: Path, category: Path, work: Path) -> dict[str, Path]:
     files = {"pt": model, "fp32": work / "model.onnx", "int8": work / "model-int8.onnx"}
     if files["fp32"].exists() and files["int8"].exists():
         return files
-    from stpm import STPM, data, export
+    from stpm import STPM, export
 
     detector = STPM.load(model, runtime="torch", device="cpu")
     export.export_onnx(detector.runtime_.model, detector.describe(), files["fp32"])
-    train = data.train_images(category)
-    chosen = train[:: max(1, len(train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
-    calibration = data.load_resized(chosen, detector.input_size_).numpy()
+    calibration = export.calibration_images(category, detector.input_size_, CALIBRATION_IMAGES)
     export.quantize_int8(files["fp32"], files["int8"], calibration, detector.mean_, detector.std_)
     return files
 

@@ -25,6 +25,7 @@ import itertools
 import json
 from pathlib import Path
 
+import ablation
 import benchkit
 import numpy as np
 import torch
@@ -36,18 +37,13 @@ SIGMAS = (0.0, 4.0)
 TOP_K = (1, 100, 1000)
 
 
-@torch.inference_mode()
-def level_maps(detector, paths: list[Path], batch_size: int = 16) -> torch.Tensor:
-    """(levels, N, H, W) float32 distance maps of image files, at the model's input size."""
+def level_maps(detector, paths: list[Path]) -> torch.Tensor:
+    """(levels, N, H, W) float32 distance maps of image files at the model's input size, by
+    ablation.level_maps (the package's map path)."""
     from stpm import data
 
-    model = detector.runtime_.model
-    levels = []
-    for start in range(0, len(paths), batch_size):
-        images = data.load_resized(paths[start : start + batch_size], detector.input_size_)
-        batch = torch.from_numpy(data.normalize(images.numpy(), detector.mean_, detector.std_))
-        levels.append(torch.cat(model.level_maps(batch), dim=1))
-    return torch.cat(levels).transpose(0, 1).contiguous()
+    images = data.load_resized(paths, detector.input_size_, desc="decoding")
+    return ablation.level_maps(detector, images).transpose(0, 1).contiguous()
 
 
 def level_statistics(validation: torch.Tensor, normalisation: str) -> list[tuple[float, float]]:

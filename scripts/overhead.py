@@ -27,6 +27,7 @@ from pathlib import Path
 
 import benchkit
 import numpy as np
+from benchmark_speed import export_ours
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = {  # name -> (model file key, runtime, precision)
@@ -119,17 +120,6 @@ def _timed(function, argument) -> float:
     return 1000 * (time.perf_counter() - started)
 
 
-def export_once(model: Path, data_folder: Path, work: Path) -> dict[str, Path]:
-    """The FP32 and INT8 ONNX files of model, made once per work folder with stpm-export."""
-    files = {"pt": model, "fp32": work / "model.onnx", "int8": work / "model-int8.onnx"}
-    work.mkdir(parents=True, exist_ok=True)
-    for key, flags in (("fp32", []), ("int8", ["--int8"])):
-        if not files[key].exists():
-            command = ["stpm-export", "--model", str(model), "--data", str(data_folder)]
-            subprocess.run([*command, "--out", str(files[key]), *flags], check=True)
-    return files
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a prepared category folder")
@@ -146,7 +136,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args)))
         return
-    files = export_once(args.model, args.data, args.work)
+    files = export_ours(args.model, args.data, args.work)
     results = []
     for name in args.paths:
         if name == "openvino BF16" and not benchkit.openvino_has_bf16():
