@@ -122,7 +122,9 @@ def export_ours(model: Path, category: Path, work: Path) -> dict[str, Path]:
 
     detector = STPM.load(model, runtime="torch", device="cpu")
     export.export_onnx(detector.runtime_.model, detector.describe(), files["fp32"])
-    calibration = export.calibration_images(category, detector.input_size_, CALIBRATION_IMAGES)
+    calibration = export.calibration_images(
+        category, detector.input_size_, CALIBRATION_IMAGES, detector.resize_mode
+    )
     export.quantize_int8(files["fp32"], files["int8"], calibration, detector.mean_, detector.std_)
     return files
 

@@ -86,6 +86,12 @@ def _train_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--image-size", type=int, nargs="+", default=[defaults["image_size"]], help="SIDE or H W"
     )
+    model.add_argument(
+        "--resize",
+        choices=["squash", "letterbox"],
+        default=defaults["resize_mode"],
+        help="images of another shape: stretched to the size, or aspect kept and padded",
+    )
     model.add_argument("--combine", choices=["product", "sum"], default=defaults["combine"])
     model.add_argument("--smoothing-sigma", type=float, default=defaults["smoothing_sigma"])
     training = parser.add_argument_group("training")
@@ -144,6 +150,7 @@ def train_main(argv: list[str] | None = None) -> int:
         backbone=args.backbone,
         strides=args.strides,
         image_size=args.image_size[0] if len(args.image_size) == 1 else args.image_size,
+        resize_mode=args.resize,
         combine=args.combine,
         smoothing_sigma=args.smoothing_sigma,
         student=args.student,
@@ -385,7 +392,9 @@ def export_main(argv: list[str] | None = None) -> int:
     args.threads = None
     detector, _ = _load(args)
     folder = _export_data(args, model_path)
-    images = export.calibration_images(folder, detector.input_size_, args.images)
+    images = export.calibration_images(
+        folder, detector.input_size_, args.images, detector.resize_mode
+    )
     suffix = "-int8.onnx" if args.int8 else ".onnx"
     out = args.out or model_path.with_name(model_path.stem + suffix)
     network = detector.runtime_.model

@@ -122,12 +122,47 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 image to size = (height, width), area-averaged when shrinking."""
+RESIZE_MODES = ("squash", "letterbox")
+
+
+def resize(image: np.ndarray, size: tuple[int, int], mode: str = "squash") -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image to size = (height, width), area-averaged when shrinking.
+
+    mode "squash" stretches it to fill size; "letterbox" keeps its aspect ratio and pads the
+    rest with black (the network sees the part's true shape; see letterbox_box).
+    """
+    if mode == "squash":
+        return _resize(image, size)
+    top, left, height, width = letterbox_box(image.shape[:2], size)
+    inner = _resize(image, (height, width))
+    bottom, right = size[0] - height - top, size[1] - width - left
+    return cv2.copyMakeBorder(inner, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     shrinking = height * width < image.shape[0] * image.shape[1]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def letterbox_box(shape: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where an image of shape (h, w) lands inside size (H, W) when letterboxed, centred:
+    (top, left, height, width)."""
+    scale = min(size[0] / shape[0], size[1] / shape[1])
+    height = min(size[0], max(1, round(shape[0] * scale)))
+    width = min(size[1], max(1, round(shape[1] * scale)))
+    return (size[0] - height) // 2, (size[1] - width) // 2, height, width
+
+
+def unletterbox_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A map of a letterboxed image -> the map of the image squashed to the same size: the
+    padding cut off, the part stretched back. Everything after the network (scores, resizing
+    to the image's own size, overlays, metrics) then reads maps one way for both modes."""
+    size = anomaly_map.shape[-2:]
+    top, left, height, width = letterbox_box(shape, size)
+    inner = np.ascontiguousarray(anomaly_map[..., top : top + height, left : left + width])
+    return cv2.resize(inner, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 @contextlib.contextmanager
@@ -168,9 +203,9 @@ def normalize(
 
 
 def load_resized(
-    paths: Sequence[Path], size: tuple[int, int], desc: str = "loading"
+    paths: Sequence[Path], size: tuple[int, int], desc: str = "loading", mode: str = "squash"
 ) -> torch.Tensor:
-    """Decode and resize every image once: uint8 (N, H, W, 3).
+    """Decode and resize (by mode, see resize) every image once: uint8 (N, H, W, 3).
 
     Training has no random augmentation, so this cache is exact and spares a decode per epoch.
     """
@@ -178,7 +213,7 @@ def load_resized(
     failures = []
     for index, path in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
         try:
-            batch[index] = torch.from_numpy(resize(read_image(path), size))
+            batch[index] = torch.from_numpy(resize(read_image(path), size, mode))
         except StpmError as error:
             failures.append(str(error))
     if failures:  # all of them at once, not one per attempt

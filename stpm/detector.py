@@ -53,7 +53,8 @@ class STPM(BaseEstimator):
 
     backbone: any timm CNN; the default has offline ImageNet weights (see stpm.weights).
     strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3).
-    image_size: input (height, width) or one side; combine: 'product' (the paper) or 'sum';
+    image_size: input (height, width) or one side; resize_mode: how an image of another shape
+    becomes that size, 'squash' (stretched) or 'letterbox' (aspect kept, padded); combine: 'product' (the paper) or 'sum';
     smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; student: the
     student's architecture: 'same' as the teacher, 'slim' (Lite0 at half width) or a timm CNN
     name (see stpm.networks). max_false_alarms: the share of defect-free
@@ -70,6 +71,7 @@ class STPM(BaseEstimator):
         backbone: str = weights.DEFAULT_BACKBONE,
         strides: Sequence[int] = (8, 16, 32),
         image_size: int | Sequence[int] = 256,
+        resize_mode: str = "squash",
         combine: str = "product",
         smoothing_sigma: float = 4.0,
         student: str = "same",
@@ -88,6 +90,7 @@ class STPM(BaseEstimator):
         self.backbone = backbone
         self.strides = strides
         self.image_size = image_size
+        self.resize_mode = resize_mode
         self.combine = combine
         self.smoothing_sigma = smoothing_sigma
         self.student = student
@@ -133,6 +136,7 @@ class STPM(BaseEstimator):
             settings,
             map_settings,
             device,
+            resize_mode=self.resize_mode,
             checkpoint=None if run_dir is None else self._checkpoint_writer(Path(run_dir), folder),
             resume=resume,
         )
@@ -209,6 +213,10 @@ class STPM(BaseEstimator):
             )
         if self.epochs < 1 or self.batch_size < 1:
             raise StpmError("epochs and batch size must be at least 1")
+        if self.resize_mode not in data.RESIZE_MODES:
+            raise StpmError(
+                f"resize mode must be one of {', '.join(data.RESIZE_MODES)}, not {self.resize_mode!r}"
+            )
         if not 0.0 <= self.validation_fraction < 1.0:
             raise StpmError("the validation fraction must be in [0, 1)")
         _check_false_alarms(self.max_false_alarms)
@@ -351,14 +359,28 @@ class STPM(BaseEstimator):
 
     def anomaly_maps(self, images, resize: bool = False) -> np.ndarray:
         """RGB uint8 images (B, H, W, 3), at the model's input size unless resize=True (then a
-        list of any sizes) -> anomaly maps float32 (B, 1, H, W) at the input size."""
+        list of any sizes) -> anomaly maps float32 (B, 1, H, W) at the input size.
+
+        A letterboxed image's map comes back as a squashed image's would: padding cut, part
+        stretched to the input size (data.unletterbox_map), so callers read every map one way.
+        """
         self._check_fitted()
+        shapes = None
         if resize:
-            images = [data.resize(image, self.input_size_) for image in images]
+            shapes = [image.shape[:2] for image in images]
+            images = [data.resize(image, self.input_size_, self.resize_mode) for image in images]
             images = images[0][None] if len(images) == 1 else np.stack(images)
         elif isinstance(images, torch.Tensor):
             images = images.numpy()
-        return self.runtime_(data.normalize(images, self.mean_, self.std_))
+        maps = self.runtime_(data.normalize(images, self.mean_, self.std_))
+        if shapes is not None and self.resize_mode == "letterbox":
+            maps = np.stack(
+                [
+                    data.unletterbox_map(m[0], shape)[None]
+                    for m, shape in zip(maps, shapes, strict=True)
+                ]
+            )
+        return maps
 
     def normalize_score(self, score: float, threshold: float | None = None) -> float:
         """Map a raw score to [0, 1] linearly: the validation mean -> 0, the threshold -> 0.5."""
@@ -390,6 +412,7 @@ class STPM(BaseEstimator):
             strides=list(self.strides),
             out_indices=list(self.out_indices_),
             image_size=list(self.input_size_),
+            resize_mode=self.resize_mode,
             mean=list(self.mean_),
             std=list(self.std_),
             combine=self.combine,
@@ -436,6 +459,7 @@ class STPM(BaseEstimator):
             backbone=description.backbone,
             strides=tuple(description.strides),
             image_size=tuple(description.image_size),
+            resize_mode=description.resize_mode,
             combine=description.combine,
             smoothing_sigma=description.smoothing_sigma,
             student=description.student_kind,

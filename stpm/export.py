@@ -71,12 +71,15 @@ def export_onnx(model: AnomalyMapModel, description: ModelDescription, path: str
     return atomic_write(path, lambda temporary: onnx.save(exported, str(temporary)))
 
 
-def calibration_images(category: Path, size: tuple[int, int], count: int = 64) -> np.ndarray:
-    """count train/good images of category spread evenly over the folder, decoded and resized:
-    uint8 (N, H, W, 3). What INT8 is calibrated on and the export is checked against."""
+def calibration_images(
+    category: Path, size: tuple[int, int], count: int = 64, resize_mode: str = "squash"
+) -> np.ndarray:
+    """count train/good images of category spread evenly over the folder, decoded and resized
+    as the model resizes them: uint8 (N, H, W, 3). What INT8 is calibrated on and the export is
+    checked against."""
     paths = data.train_images(category)
     step = max(1, len(paths) // max(1, count))
-    return data.load_resized(paths[::step][:count], size).numpy()
+    return data.load_resized(paths[::step][:count], size, "calibrating", resize_mode).numpy()
 
 
 def quantize_int8(

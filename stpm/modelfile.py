@@ -8,7 +8,8 @@ student, as JSON in its metadata.
 Format versions (a reader accepts every version up to its own and fills in what is missing):
   1  stpm 0.1: the fields below except student_kind
   2  stpm 0.2: student_kind (the student's architecture; "same" = the teacher's) and
-     max_false_alarms (the threshold as a quantile of the validation scores)
+     max_false_alarms (the threshold as a quantile of the validation scores), resize_mode
+     ("squash" or "letterbox": how an image of another shape meets image_size)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .version import __version__
 FORMAT = "stpm-model"
 FORMAT_VERSION = 2
 ONNX_METADATA_KEY = "stpm"
-ADDED_IN_VERSION_2 = {"student_kind": "same", "max_false_alarms": None}
+ADDED_IN_VERSION_2 = {"student_kind": "same", "max_false_alarms": None, "resize_mode": "squash"}
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ModelDescription:
     best_epoch: int | None = None
     student_kind: str = "same"
     max_false_alarms: float | None = None  # the threshold rule: None for mean + 3 std
+    resize_mode: str = "squash"  # how images become image_size: "squash" or "letterbox"
 
     def map_settings(self) -> MapSettings:
         return MapSettings(tuple(self.image_size), self.combine, float(self.smoothing_sigma))

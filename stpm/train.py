@@ -76,6 +76,7 @@ def train_student(
     settings: TrainSettings,
     map_settings: MapSettings,
     device: torch.device,
+    resize_mode: str = "squash",
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
 ) -> TrainResult:
@@ -87,8 +88,10 @@ def train_student(
     train_paths, validation_paths = split_validation(
         paths, settings.validation_fraction, settings.seed
     )
-    train_images = data.load_resized(train_paths, image_size, desc="decoding train/good")
-    validation_images = data.load_resized(validation_paths, image_size, desc="decoding validation")
+    train_images = data.load_resized(train_paths, image_size, "decoding train/good", resize_mode)
+    validation_images = data.load_resized(
+        validation_paths, image_size, "decoding validation", resize_mode
+    )
     # channels-last runs the student's backward pass about 1.4x faster on CPU (oneDNN)
     network.to(device, memory_format=torch.channels_last)
     teacher_cache = cache_teacher_features(network, train_images, mean, std, settings, device)
@@ -165,9 +168,14 @@ def train_student(
     progress.close()
     network.student.load_state_dict(best_state)
     if validation_paths:
-        result.validation_scores = _validation_scores(
-            network, validation_images, mean, std, settings, map_settings, device
-        ).tolist()
+        if resize_mode == "letterbox":  # scored as prediction scores them: the part only
+            result.validation_scores = _letterboxed_scores(
+                network, validation_images, validation_paths, mean, std, map_settings, device
+            )
+        else:
+            result.validation_scores = _validation_scores(
+                network, validation_images, mean, std, settings, map_settings, device
+            ).tolist()
     result.seconds = time.perf_counter() - started
     network.to(memory_format=torch.contiguous_format)  # single images run faster that way
     return result
@@ -226,3 +234,16 @@ def _validation_scores(
             for batch in images.split(settings.batch_size)
         ]
     )
+
+
+@torch.inference_mode()
+def _letterboxed_scores(
+    network, images, paths, mean, std, map_settings: MapSettings, device
+) -> list[float]:
+    """Image scores of letterboxed images: each map's maximum over the part, padding excluded."""
+    model = AnomalyMapModel(network, map_settings).eval()
+    scores = []
+    for image, path in zip(images, paths, strict=True):
+        anomaly_map = model(_batch(image[None], mean, std, device))[0][0, 0].cpu().numpy()
+        scores.append(float(data.unletterbox_map(anomaly_map, data.image_shape(path)).max()))
+    return scores
