@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import benchkit
 import numpy as np
 import torch
 
@@ -165,6 +166,265 @@ def _headline(budget: dict) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- students
+
+STUDENT_BASE = {"image_size": 256, "epochs": 20}  # stpm.STPM()'s defaults otherwise
+STUDENTS = {  # name -> estimator settings over STUDENT_BASE (student, seed, resize_mode)
+    "same-seed0": {},
+    "slim-seed0": {"student": "slim"},
+    "slim-seed1": {"student": "slim", "seed": 1},
+    "slim-seed2": {"student": "slim", "seed": 2},
+    "resnet18-seed0": {"student": "resnet18"},
+    "slim-letterbox-seed0": {"student": "slim", "resize_mode": "letterbox"},
+}
+
+
+def run_student(name: str, args: argparse.Namespace) -> dict:
+    """Train (or reuse: a folder's model.pt, or its checkpoint to resume) one student and score
+    it on the test set as stpm-predict does, with and without the image-level add-on."""
+    from stpm import STPM
+
+    run_dir = args.work / "students" / name
+    settings = {**STUDENT_BASE, **STUDENTS[name]}
+    if not (run_dir / "model.pt").exists():
+        if (run_dir / "checkpoint.pt").exists():
+            STPM.resume(run_dir)
+        else:
+            STPM(**settings, device="cpu").fit(args.data, run_dir=run_dir)
+    detector = STPM.load(run_dir / "model.pt", runtime="torch", device="cpu")
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    record = {
+        "name": name,
+        "settings": settings,
+        "training_seconds": config.get("training_seconds"),
+        "gflops": gflops_per_image({**BASE, "strides": list(detector.strides), **settings}),
+        **score_student(detector, args.data),
+    }
+    print(f"{name}: {_student_line(record)}", flush=True)
+    return record
+
+
+def score_student(detector, category: Path) -> dict:
+    """The student's own figures (halves, pixel metrics, per defect) and the add-on's."""
+    from stpm import data
+    from stpm.evaluation import defect_labels, summarize
+    from stpm.train import split_validation
+
+    samples = data.test_samples(category)
+    paths = [sample.path for sample in samples]
+    labels = defect_labels(samples)
+    halves = benchkit.test_halves(paths)
+    scores, maps = [], []
+    for _, prediction in detector.predict_iter(paths, full_resolution=False):
+        scores.append(prediction.score)
+        maps.append(prediction.anomaly_map)
+    scores, maps = np.asarray(scores), np.stack(maps)
+    metrics, _ = summarize(samples, scores, maps)
+    train, validation = split_validation(
+        data.train_images(category), detector.validation_fraction, detector.seed
+    )
+    gaussian = PooledGaussian.fit(detector, train)
+    distance = z_scored(
+        gaussian.distances(detector, validation), gaussian.distances(detector, paths)
+    )
+    student = z_scored(np.asarray(detector.validation_scores_), scores)
+    return {
+        "halves": benchkit.image_figures(labels, scores, halves),
+        "pixel_auroc": metrics["pixel_auroc"],
+        "pro": metrics["pro"],
+        "per_defect": {d: v["image_auroc"] for d, v in metrics["per_defect"].items()},
+        "add_on_alone": benchkit.image_figures(labels, distance, halves),
+        "with_add_on": benchkit.image_figures(labels, student + distance, halves),
+        "with_add_on_per_defect": _per_defect_auroc(samples, labels, student + distance),
+    }
+
+
+def z_scored(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """values in standard deviations above the mean of reference (defect-free validation)."""
+    return (values - reference.mean()) / reference.std(ddof=1)
+
+
+def _per_defect_auroc(samples, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    from stpm.metrics import image_auroc
+
+    defects = sorted({sample.defect for sample in samples} - {"good"})
+    chosen = {d: np.array([s.defect in ("good", d) for s in samples]) for d in defects}
+    return {d: image_auroc(labels[c], scores[c]) for d, c in chosen.items()}
+
+
+class PooledGaussian:
+    """The image-level add-on: a Gaussian of the teacher's globally averaged features (each
+    level's channel means, concatenated) over defect-free training images; an image's score is
+    its Mahalanobis distance. Sees what per-position cosine distances normalise away: a change
+    of brightness or texture over a large area."""
+
+    def __init__(self, mean: np.ndarray, precision: np.ndarray) -> None:
+        self.mean, self.precision = mean, precision
+
+    @classmethod
+    def fit(cls, detector, paths) -> PooledGaussian:
+        from sklearn.covariance import LedoitWolf
+
+        features = pooled_teacher_features(detector, paths)
+        covariance = LedoitWolf().fit(features)  # 472 dimensions, 685 images: shrunk
+        return cls(covariance.location_, covariance.precision_)
+
+    def distances(self, detector, paths) -> np.ndarray:
+        centred = pooled_teacher_features(detector, paths) - self.mean
+        return np.sqrt(np.einsum("nd,de,ne->n", centred, self.precision, centred))
+
+
+@torch.inference_mode()
+def pooled_teacher_features(detector, paths, batch_size: int = 16) -> np.ndarray:
+    """(N, channels summed over levels): each teacher level averaged over positions."""
+    from stpm import data
+
+    images = data.load_resized(
+        paths, detector.input_size_, "teacher features", detector.resize_mode
+    )
+    teacher = torch_runtime(detector).model.network.teacher
+    pooled = []
+    for batch in images.split(batch_size):
+        normalized = torch.from_numpy(data.normalize(batch.numpy(), detector.mean_, detector.std_))
+        pooled.append(torch.cat([level.mean(dim=(2, 3)) for level in teacher(normalized)], dim=1))
+    return torch.cat(pooled).double().numpy()
+
+
+def _student_line(record: dict) -> str:
+    figures = record["halves"]
+    return (
+        ", ".join(f"{half} {values['image_auroc']:.3f}" for half, values in figures.items())
+        + f"; pixel {record['pixel_auroc']:.3f}, PRO {record['pro']:.3f}"
+    )
+
+
+def write_student_results(records: list[dict], results: Path) -> None:
+    """students.json and students.md: each student, the spread over seeds, the add-on."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "students.json").write_text(
+        json.dumps({"cpu": benchkit.cpu_info(), "records": records}, indent=1) + "\n"
+    )
+    cell = lambda v: f"{v['image_auroc']:.3f} ({v['caught_at_1']:.2f} / {v['caught_at_5']:.2f})"  # noqa: E731
+    rows = [
+        [
+            r["name"],
+            r["settings"].get("student", "same"),
+            r["settings"].get("resize_mode", "squash"),
+            f"{r['gflops']:.2f}",
+            "" if r["training_seconds"] is None else f"{r['training_seconds']:.0f}",
+            *[cell(r["halves"][half]) for half in ("A", "B", "all")],
+            f"{r['pixel_auroc']:.3f}",
+            f"{r['pro']:.3f}",
+        ]
+        for r in records
+    ]
+    spread = []
+    for kind in dict.fromkeys(r["name"].rsplit("-seed", 1)[0] for r in records):
+        group = [r for r in records if r["name"].rsplit("-seed", 1)[0] == kind]
+        spread.append(
+            [kind, len(group), *[_mean_spread([get(r) for r in group]) for get in SPREAD_COLUMNS]]
+        )
+    defects = sorted(records[0]["per_defect"])
+    per_defect = [[r["name"], *[f"{r['per_defect'][d]:.3f}" for d in defects]] for r in records]
+    per_defect += [
+        [f"{r['name']} + add-on", *[f"{r['with_add_on_per_defect'][d]:.3f}" for d in defects]]
+        for r in records
+    ]
+    add_on = [
+        [
+            r["name"],
+            *[cell(r["halves"][h]) for h in ("A", "B")],
+            *[cell(r["add_on_alone"][h]) for h in ("A", "B")],
+            *[cell(r["with_add_on"][h]) for h in ("A", "B", "all")],
+        ]
+        for r in records
+    ]
+    lines = [
+        "# Students unlike the teacher, and an image-level add-on (Magnetic Tile)",
+        "",
+        f"CPU: {benchkit.cpu_line(benchkit.cpu_info())}. Command: `python scripts/ablation.py "
+        "--students --data DIR --work DIR` (trains what its work folder lacks). Every student: "
+        "the Lite0 teacher, strides 8/16/32, product of levels, sigma 4, 256 px, 20 epochs, "
+        "the epoch with the lowest validation loss; scored as stpm-predict scores (map maximum). "
+        "Test halves A (to choose on) and B (to check): every other image sorted by path. "
+        "Cells: image AUROC (share of defective images caught at 1% / 5% false alarms, the "
+        "threshold taken on the good images of the same half). GFLOP: teacher + student per "
+        "256 px image, counted by torch's FlopCounterMode. Training seconds: on both cores of "
+        "the machine that trained it (config.json); compare only runs of one machine.",
+        "",
+        *benchkit.markdown_table(
+            [
+                "run",
+                "student",
+                "resize",
+                "GFLOP",
+                "train s",
+                "half A",
+                "half B",
+                "all",
+                "pixel AUROC",
+                "PRO",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+        "## Mean ± half the range over seeds",
+        "",
+        *benchkit.markdown_table(
+            [
+                "setting",
+                "seeds",
+                "image AUROC A",
+                "B",
+                "all",
+                "pixel AUROC",
+                "PRO",
+                "caught at 1%",
+                "caught at 5%",
+                "with add-on: A",
+                "B",
+                "all",
+            ],
+            spread,
+        ),  # fmt: skip
+        "",
+        "## Image AUROC per defect type (all test images)",
+        "",
+        *benchkit.markdown_table(["run", *defects], per_defect),
+        "",
+        "## The image-level add-on, reported apart from the student",
+        "",
+        "Add-on: Mahalanobis distance of the teacher's globally averaged features (each "
+        "level's channel means) to a Gaussian of the training images (Ledoit-Wolf shrinkage); "
+        "added to the student's score after both are z-scored on the validation images.",
+        "",
+        *benchkit.markdown_table(
+            ["run", "student: A", "B", "add-on alone: A", "B", "student + add-on: A", "B", "all"],
+            add_on,
+        ),  # fmt: skip
+    ]
+    (results / "students.md").write_text("\n".join(lines) + "\n")
+
+
+SPREAD_COLUMNS = (  # image AUROC on A, B, all; pixel AUROC; PRO; caught; with the add-on
+    lambda r: r["halves"]["A"]["image_auroc"],
+    lambda r: r["halves"]["B"]["image_auroc"],
+    lambda r: r["halves"]["all"]["image_auroc"],
+    lambda r: r["pixel_auroc"],
+    lambda r: r["pro"],
+    lambda r: r["halves"]["all"]["caught_at_1"],
+    lambda r: r["halves"]["all"]["caught_at_5"],
+    lambda r: r["with_add_on"]["A"]["image_auroc"],
+    lambda r: r["with_add_on"]["B"]["image_auroc"],
+    lambda r: r["with_add_on"]["all"]["image_auroc"],
+)
+
+
+def _mean_spread(values: list[float]) -> str:
+    return f"{np.mean(values):.3f}" + (f" ± {np.ptp(values) / 2:.3f}" if len(values) > 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="a prepared category (train/, test/, ...)")
@@ -173,10 +433,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only write the tables")
     parser.add_argument(
+        "--students", nargs="*", choices=sorted(STUDENTS), help="the student runs (none: all)"
+    )
+    parser.add_argument(
         "--results", type=Path, default=RESULTS, help="folder of ablation.json and ablation.md"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.students is not None:
+        names = args.students or list(STUDENTS)
+        write_student_results([run_student(name, args) for name in names], args.results)
+        return
     if not args.report:
         for name in args.runs:
             run_one(name, args)
@@ -254,7 +521,8 @@ def gflops_per_image(settings: dict) -> float:
 
     indices = pyramid_indices(settings["backbone"], settings["strides"])
     teacher = drop_unused_blocks(weights.create_backbone(settings["backbone"], indices, False))
-    network = StudentTeacher(teacher, build_student("same", teacher)).eval()
+    student = build_student(settings.get("student", "same"), teacher)
+    network = StudentTeacher(teacher, student).eval()
     size = settings["image_size"]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(torch.zeros(1, 3, size, size))

@@ -250,3 +250,35 @@ def save_maps(
         defects=np.array([Path(path).parent.name for path in paths]),
         latency_ms=np.asarray(latencies, np.float32),
     )
+
+
+# ----------------------------------------------------------------------------- accuracy protocol
+
+
+def test_halves(paths: Sequence[Path]) -> dict[str, np.ndarray]:
+    """Boolean selections of test images: half A (every other image sorted by path, to choose
+    on), half B (the rest, to check the choice) and all of them."""
+    order = np.argsort([str(path) for path in paths])
+    half_a = np.zeros(len(paths), bool)
+    half_a[order[::2]] = True
+    return {"A": half_a, "B": ~half_a, "all": np.ones(len(paths), bool)}
+
+
+def caught_at(labels: np.ndarray, scores: np.ndarray, false_alarms: float) -> float:
+    """Share of defective images above the (1 - false_alarms) quantile of the good ones."""
+    threshold = np.quantile(scores[labels == 0], 1.0 - false_alarms)
+    return float((scores[labels == 1] > threshold).mean())
+
+
+def image_figures(labels: np.ndarray, scores: np.ndarray, halves: dict) -> dict:
+    """Per half: image AUROC and the share of defects caught at 1% and 5% false alarms."""
+    from stpm.metrics import image_auroc
+
+    return {
+        name: {
+            "image_auroc": image_auroc(labels[chosen], scores[chosen]),
+            "caught_at_1": caught_at(labels[chosen], scores[chosen], 0.01),
+            "caught_at_5": caught_at(labels[chosen], scores[chosen], 0.05),
+        }
+        for name, chosen in halves.items()
+    }

@@ -84,25 +84,6 @@ def image_scores(maps: torch.Tensor, top_k: int) -> np.ndarray:
     return (flat.amax(dim=1) if top_k == 1 else flat.topk(top_k, dim=1).values.mean(dim=1)).numpy()
 
 
-def caught_at(labels: np.ndarray, scores: np.ndarray, false_alarms: float) -> float:
-    """Share of defective images above the (1 - false_alarms) quantile of the good ones."""
-    threshold = np.quantile(scores[labels == 0], 1.0 - false_alarms)
-    return float((scores[labels == 1] > threshold).mean())
-
-
-def image_figures(labels: np.ndarray, scores: np.ndarray, halves: dict) -> dict:
-    from stpm.metrics import image_auroc
-
-    figures = {}
-    for name, chosen in halves.items():
-        figures[name] = {
-            "image_auroc": image_auroc(labels[chosen], scores[chosen]),
-            "caught_at_1": caught_at(labels[chosen], scores[chosen], 0.01),
-            "caught_at_5": caught_at(labels[chosen], scores[chosen], 0.05),
-        }
-    return figures
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a prepared category folder")
@@ -120,10 +101,7 @@ def main() -> None:
     )
     samples = data.test_samples(args.data)
     labels = defect_labels(samples)
-    order = np.argsort([str(sample.path) for sample in samples])
-    half_a = np.zeros(len(samples), bool)
-    half_a[order[::2]] = True
-    halves = {"A": half_a, "B": ~half_a, "all": np.ones(len(samples), bool)}
+    halves = benchkit.test_halves([sample.path for sample in samples])
     validation = level_maps(detector, validation_paths)
     test = level_maps(detector, [sample.path for sample in samples])
     records = []
@@ -134,7 +112,7 @@ def main() -> None:
         for top_k in TOP_K:
             scores = image_scores(maps, top_k)
             variant = dict(normalisation=normalisation, combine=combine, sigma=sigma, top_k=top_k)
-            records.append({**variant, "halves": image_figures(labels, scores, halves)})
+            records.append({**variant, "halves": benchkit.image_figures(labels, scores, halves)})
             print(_name(records[-1]), _figures(records[-1]), flush=True)
     default = dict(normalisation="none", combine=detector.combine, sigma=detector.smoothing_sigma)
     default["top_k"] = 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,6 +35,24 @@ def test_onnx_runtime_gives_the_torch_maps_and_verdicts(trained, exported, categ
         assert np.abs(theirs.anomaly_map - ours.anomaly_map).max() < 1e-4
         assert theirs.is_anomalous == ours.is_anomalous
     assert runtime.threshold_ == model.threshold_ and runtime.input_size_ == model.input_size_
+
+
+@pytest.mark.parametrize(("combine", "sigma"), [("product", 0.0), ("sum", 0.0), ("sum", 4.0)])
+def test_each_map_option_survives_export(trained, category, tmp_path, combine, sigma):
+    """(product with sigma 4, the default, is the fixture's export above.)"""
+    _, run_dir = trained
+    model = STPM.load(run_dir / "model.pt", device="cpu")
+    validation = [Path(path) for path in _validation(run_dir)]
+    model.set_map(combine, sigma, validation)
+    path = export_onnx(model.runtime_.model, model.describe(), tmp_path / "model.onnx")
+    exported = STPM.load(path)
+    assert (exported.combine, exported.smoothing_sigma) == (combine, sigma)
+    images = np.random.default_rng(1).integers(0, 256, (3, *model.input_size_, 3), dtype=np.uint8)
+    assert np.abs(exported.anomaly_maps(images) - model.anomaly_maps(images)).max() < 1e-4
+
+
+def _validation(run_dir) -> list[str]:
+    return json.loads((run_dir / "config.json").read_text())["validation_images"]
 
 
 def test_batch_size_is_dynamic(trained, exported):
