@@ -111,6 +111,27 @@ def _train_parser() -> argparse.ArgumentParser:
         help="share of train/good held out for model selection and the threshold",
     )
     training.add_argument("--seed", type=int, default=defaults["seed"])
+    training.add_argument(
+        "--denoise",
+        type=float,
+        default=defaults["denoise"],
+        metavar="SHARE",
+        help="share of training images the student sees with a synthetic defect while it "
+        "learns the teacher's features of the clean image",
+    )
+    training.add_argument(
+        "--hard-quantile",
+        type=float,
+        default=defaults["hard_quantile"],
+        help="average only the distances at or above this quantile (e.g. 0.9)",
+    )
+    training.add_argument(
+        "--selection",
+        choices=["loss", "separation"],
+        default=defaults["selection"],
+        help="keep the epoch of lowest validation loss, or the one that best separates "
+        "validation images from synthetic defects made of them",
+    )
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     training.add_argument("--threads", type=int, help="CPU threads (default: torch's own)")
     threshold = parser.add_argument_group("threshold")
@@ -161,6 +182,9 @@ def train_main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         validation_fraction=args.validation_fraction,
         seed=args.seed,
+        denoise=args.denoise,
+        hard_quantile=args.hard_quantile,
+        selection=args.selection,
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
         device=args.device,
         threads=args.threads,

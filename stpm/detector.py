@@ -29,7 +29,7 @@ from .files import atomic_write, atomic_write_text
 from .model import AnomalyMapModel, MapSettings, StudentTeacher
 from .modelfile import ModelDescription, load_untrusted, write_model_file
 from .runtime import TorchRuntime, open_runtime, resolve_device
-from .train import TrainSettings, seed_everything, train_student
+from .train import SELECTIONS, TrainSettings, seed_everything, train_student
 
 CHECKPOINT = "checkpoint.pt"
 THRESHOLD_SIGMAS = 3.0  # default threshold = mean + 3 std of defect-free validation scores
@@ -59,7 +59,11 @@ class STPM(BaseEstimator):
     student's architecture: 'same' as the teacher, 'slim' (Lite0 at half width) or a timm CNN
     name (see stpm.networks). max_false_alarms: the share of defect-free
     images the threshold may reject (0.01: the 99th percentile of the validation scores); None
-    for mean + 3 std of those scores. threads: CPU threads for prediction (and
+    for mean + 3 std of those scores. Training objectives (stpm.train): denoise, the share of
+    training images the student sees corrupted (stpm.corruptions) while matching the teacher's
+    features of the clean image; hard_quantile, average only the distances at or above that
+    quantile (EfficientAD); selection, keep the epoch of lowest validation 'loss' or the one
+    that best separates validation images from corrupted copies ('separation'). threads: CPU threads for prediction (and
     torch's training), None for stpm.runtime.default_threads(). The defaults (strides 8, 16, 32,
     product, sigma 4) come from scripts/results/ablation.md: on Magnetic Tile they score 10
     points of image AUROC and 12 of pixel AUROC above the paper's settings, for 1.5 times the
@@ -83,6 +87,9 @@ class STPM(BaseEstimator):
         weight_decay: float = 1e-4,
         validation_fraction: float = 0.1,
         seed: int = 0,
+        denoise: float = 0.0,
+        hard_quantile: float | None = None,
+        selection: str = "loss",
         teacher_weights: str | None = None,
         device: str = "auto",
         threads: int | None = None,
@@ -102,6 +109,9 @@ class STPM(BaseEstimator):
         self.weight_decay = weight_decay
         self.validation_fraction = validation_fraction
         self.seed = seed
+        self.denoise = denoise
+        self.hard_quantile = hard_quantile
+        self.selection = selection
         self.teacher_weights = teacher_weights
         self.device = device
         self.threads = threads
@@ -216,6 +226,14 @@ class STPM(BaseEstimator):
         if self.resize_mode not in data.RESIZE_MODES:
             raise StpmError(
                 f"resize mode must be one of {', '.join(data.RESIZE_MODES)}, not {self.resize_mode!r}"
+            )
+        if not 0.0 <= self.denoise <= 1.0:
+            raise StpmError(f"denoise is a share of training images in [0, 1], not {self.denoise}")
+        if self.hard_quantile is not None and not 0.0 <= self.hard_quantile < 1.0:
+            raise StpmError(f"the hard-loss quantile must be in [0, 1), not {self.hard_quantile}")
+        if self.selection not in SELECTIONS:
+            raise StpmError(
+                f"selection must be one of {', '.join(SELECTIONS)}, not {self.selection!r}"
             )
         if not 0.0 <= self.validation_fraction < 1.0:
             raise StpmError("the validation fraction must be in [0, 1)")

@@ -85,10 +85,23 @@ def layer_distances(
 
 
 def feature_loss(
-    teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]
+    teacher_features: Sequence[torch.Tensor],
+    student_features: Sequence[torch.Tensor],
+    hard_quantile: float | None = None,
 ) -> torch.Tensor:
-    """The paper's loss: per level the mean distance over batch and positions, summed over levels."""
-    return sum(distance.mean() for distance in layer_distances(teacher_features, student_features))
+    """The paper's loss: per level the mean distance over batch and positions, summed over levels.
+
+    hard_quantile (EfficientAD's hard feature loss): per level, average only the distances at
+    or above that quantile of the batch's, so the student stops polishing what it already
+    matches and spends its capacity where it is still wrong.
+    """
+    total = torch.zeros(())
+    for distance in layer_distances(teacher_features, student_features):
+        if hard_quantile is not None:
+            cut = torch.quantile(distance.detach().flatten().float(), hard_quantile)
+            distance = distance[distance >= cut]
+        total = total + distance.mean()
+    return total
 
 
 def per_image_loss(
