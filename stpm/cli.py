@@ -94,6 +94,13 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--combine", choices=["product", "sum"], default=defaults["combine"])
     model.add_argument("--smoothing-sigma", type=float, default=defaults["smoothing_sigma"])
+    model.add_argument(
+        "--distance",
+        choices=["cosine", "standardized"],
+        default=defaults["distance"],
+        help="compare features by cosine (the paper) or by squared error of per-channel "
+        "standardized features (keeps magnitude: large-area brightness changes)",
+    )
     training = parser.add_argument_group("training")
     training.add_argument(
         "--epochs",
@@ -174,6 +181,7 @@ def train_main(argv: list[str] | None = None) -> int:
         resize_mode=args.resize,
         combine=args.combine,
         smoothing_sigma=args.smoothing_sigma,
+        distance=args.distance,
         student=args.student,
         epochs=args.epochs or STPM().epochs,
         batch_size=args.batch_size,

@@ -55,7 +55,9 @@ class STPM(BaseEstimator):
     strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3).
     image_size: input (height, width) or one side; resize_mode: how an image of another shape
     becomes that size, 'squash' (stretched) or 'letterbox' (aspect kept, padded); combine: 'product' (the paper) or 'sum';
-    smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; student: the
+    smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; distance: how
+    a level's features are compared, 'cosine' (the paper) or 'standardized' (squared error of
+    per-channel standardized features, keeping their magnitude; stpm.model); student: the
     student's architecture: 'same' as the teacher, 'slim' (Lite0 at half width) or a timm CNN
     name (see stpm.networks). max_false_alarms: the share of defect-free
     images the threshold may reject (0.01: the 99th percentile of the validation scores); None
@@ -78,6 +80,7 @@ class STPM(BaseEstimator):
         resize_mode: str = "squash",
         combine: str = "product",
         smoothing_sigma: float = 4.0,
+        distance: str = "cosine",
         student: str = "same",
         max_false_alarms: float | None = None,
         epochs: int = 20,
@@ -100,6 +103,7 @@ class STPM(BaseEstimator):
         self.resize_mode = resize_mode
         self.combine = combine
         self.smoothing_sigma = smoothing_sigma
+        self.distance = distance
         self.student = student
         self.max_false_alarms = max_false_alarms
         self.epochs = epochs
@@ -197,7 +201,7 @@ class STPM(BaseEstimator):
         config.json lists its own).
         """
         runtime = self._torch_runtime("the map of an ONNX export is fixed; set it on the .pt")
-        settings = MapSettings(self.input_size_, combine, float(smoothing_sigma))  # checks first
+        settings = MapSettings(self.input_size_, combine, float(smoothing_sigma), self.distance)
         self.combine, self.smoothing_sigma = combine, float(smoothing_sigma)
         model = AnomalyMapModel(runtime.model.network, settings)
         self.runtime_ = TorchRuntime(model, runtime.description, runtime.device, runtime.threads)
@@ -243,7 +247,8 @@ class STPM(BaseEstimator):
         if len(sides) != 2 or min(sides) < 32:
             raise StpmError(f"image size must be one or two sides of at least 32 px, not {size}")
         sides = (int(sides[0]), int(sides[1]))
-        return self._train_settings(), MapSettings(sides, self.combine, float(self.smoothing_sigma))
+        map_settings = MapSettings(sides, self.combine, float(self.smoothing_sigma), self.distance)
+        return self._train_settings(), map_settings
 
     def _train_settings(self) -> TrainSettings:
         """The training loop's settings: the constructor arguments of the same names."""
@@ -262,7 +267,8 @@ class STPM(BaseEstimator):
         self.std_ = tuple(teacher.pretrained_cfg.get("std") or data.IMAGENET_STD)
         source = weights.describe_source(self.backbone, weights_file, self.teacher_weights)
         self.teacher_ = {"source": source, "sha256": fingerprint}
-        return StudentTeacher(teacher, networks.build_student(self.student, teacher))
+        student = networks.build_student(self.student, teacher, self.distance)
+        return StudentTeacher(teacher, student)
 
     def _set_validation(self, scores: Sequence[float]) -> None:
         """Threshold from defect-free validation images only, by the max_false_alarms rule."""
@@ -435,6 +441,7 @@ class STPM(BaseEstimator):
             std=list(self.std_),
             combine=self.combine,
             smoothing_sigma=float(self.smoothing_sigma),
+            distance=self.distance,
             teacher=dict(self.teacher_),
             validation={
                 "scores": list(self.validation_scores_),
@@ -480,6 +487,7 @@ class STPM(BaseEstimator):
             resize_mode=description.resize_mode,
             combine=description.combine,
             smoothing_sigma=description.smoothing_sigma,
+            distance=description.distance,
             student=description.student_kind,
             max_false_alarms=description.max_false_alarms,
             device=device,

@@ -20,25 +20,61 @@ from torch import nn
 from .errors import StpmError
 
 COMBINES = ("product", "sum")
+DISTANCES = ("cosine", "standardized")
 
 
 @dataclass(frozen=True)
 class MapSettings:
-    """How level maps become one anomaly map: size (H, W) in pixels, combine, smoothing sigma."""
+    """How level maps become one anomaly map: size (H, W) in pixels, combine, smoothing sigma;
+    and how a level's features are compared, distance (see layer_distances)."""
 
     size: tuple[int, int]
     combine: str = "product"
     sigma: float = 0.0
+    distance: str = "cosine"
 
     def __post_init__(self) -> None:
+        if self.distance not in DISTANCES:
+            raise StpmError(f"distance must be 'cosine' or 'standardized', not {self.distance!r}")
         if self.combine not in COMBINES:
             raise StpmError(f"combine must be 'product' or 'sum', not {self.combine!r}")
         if self.sigma < 0:
             raise StpmError(f"the smoothing sigma must be 0 or more, not {self.sigma:g}")
 
 
+class FeatureScale(nn.Module):
+    """Per level and channel (x - mean) / std, with the teacher's statistics on training images.
+
+    The standardized distance compares the student with the teacher's features in these units.
+    It lives in the student (`student.target_scale`), so the model file that carries the
+    student's weights carries it too.
+    """
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        super().__init__()
+        for index, width in enumerate(widths):
+            self.register_buffer(f"mean{index}", torch.zeros(1, width, 1, 1))
+            self.register_buffer(f"std{index}", torch.ones(1, width, 1, 1))
+
+    def set(self, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor]) -> None:
+        """Per level, the channels' means and standard deviations, each (C,)."""
+        for index, (mean, std) in enumerate(zip(means, stds, strict=True)):
+            getattr(self, f"mean{index}").copy_(mean.view(1, -1, 1, 1))
+            getattr(self, f"std{index}").copy_(std.clamp_min(1e-6).view(1, -1, 1, 1))
+
+    def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            (level - getattr(self, f"mean{index}")) / getattr(self, f"std{index}")
+            for index, level in enumerate(levels)
+        ]
+
+
 class StudentTeacher(nn.Module):
-    """(B, 3, H, W) normalised images -> (teacher features, student features), one per level."""
+    """(B, 3, H, W) normalised images -> (teacher features, student features), one per level.
+
+    A student with a target_scale (FeatureScale) is compared with the teacher's features in
+    those standardized units.
+    """
 
     def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
         super().__init__()
@@ -52,8 +88,14 @@ class StudentTeacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         with torch.no_grad():
-            teacher_features = self.teacher(images)
+            teacher_features = self.teacher_targets(images)
         return teacher_features, self.student(images)
+
+    def teacher_targets(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's features, in the units the student learns them in."""
+        features = self.teacher(images)
+        scale = getattr(self.student, "target_scale", None)
+        return features if scale is None else scale(features)
 
 
 class AnomalyMapModel(nn.Module):
@@ -66,7 +108,7 @@ class AnomalyMapModel(nn.Module):
 
     def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-level distances upsampled to the map size: one (B, 1, H, W) per level."""
-        return level_maps(*self.network(images), self.settings.size)
+        return level_maps(*self.network(images), self.settings.size, self.settings.distance)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = finish_map(self.level_maps(images), self.settings)
@@ -74,11 +116,21 @@ class AnomalyMapModel(nn.Module):
 
 
 def layer_distances(
-    teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]
+    teacher_features: Sequence[torch.Tensor],
+    student_features: Sequence[torch.Tensor],
+    distance: str = "cosine",
 ) -> list[torch.Tensor]:
-    """Per level 0.5 * ||t/|t| - s/|s|||^2 over channels (= 1 - cosine): (B, 1, h, w) in [0, 2]."""
+    """Per level and position, (B, 1, h, w):
+    "cosine" (the paper): 0.5 * ||t/|t| - s/|s|||^2 over channels (= 1 - cosine), in [0, 2];
+    "standardized": the mean over channels of (t - s)^2, t already standardized per channel
+    (FeatureScale): keeps the features' magnitude, which a change of brightness over a large
+    area moves while their direction stays.
+    """
     distances = []
     for teacher, student in zip(teacher_features, student_features, strict=True):
+        if distance == "standardized":
+            distances.append((teacher - student).pow(2).mean(dim=1, keepdim=True))
+            continue
         difference = F.normalize(teacher, dim=1) - F.normalize(student, dim=1)
         distances.append(0.5 * difference.pow(2).sum(dim=1, keepdim=True))
     return distances
@@ -88,6 +140,7 @@ def feature_loss(
     teacher_features: Sequence[torch.Tensor],
     student_features: Sequence[torch.Tensor],
     hard_quantile: float | None = None,
+    distance: str = "cosine",
 ) -> torch.Tensor:
     """The paper's loss: per level the mean distance over batch and positions, summed over levels.
 
@@ -96,19 +149,21 @@ def feature_loss(
     matches and spends its capacity where it is still wrong.
     """
     total = torch.zeros(())
-    for distance in layer_distances(teacher_features, student_features):
+    for level in layer_distances(teacher_features, student_features, distance):
         if hard_quantile is not None:
-            cut = torch.quantile(distance.detach().flatten().float(), hard_quantile)
-            distance = distance[distance >= cut]
-        total = total + distance.mean()
+            cut = torch.quantile(level.detach().flatten().float(), hard_quantile)
+            level = level[level >= cut]
+        total = total + level.mean()
     return total
 
 
 def per_image_loss(
-    teacher_features: Sequence[torch.Tensor], student_features: Sequence[torch.Tensor]
+    teacher_features: Sequence[torch.Tensor],
+    student_features: Sequence[torch.Tensor],
+    distance: str = "cosine",
 ) -> torch.Tensor:
-    """The same loss for each image of the batch: (B,)."""
-    distances = layer_distances(teacher_features, student_features)
+    """The plain loss (every position) for each image of the batch: (B,)."""
+    distances = layer_distances(teacher_features, student_features, distance)
     return sum(distance.mean(dim=(1, 2, 3)) for distance in distances)
 
 
@@ -116,6 +171,7 @@ def level_maps(
     teacher_features: Sequence[torch.Tensor],
     student_features: Sequence[torch.Tensor],
     size: tuple[int, int],
+    distance: str = "cosine",
 ) -> list[torch.Tensor]:
     """Each level's distance map, upsampled bilinearly to size: one (B, 1, H, W) per level.
 
@@ -123,8 +179,8 @@ def level_maps(
     image (its Concat and Split run reference code), 4% of the whole model.
     """
     return [
-        F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
-        for distance in layer_distances(teacher_features, student_features)
+        F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        for level in layer_distances(teacher_features, student_features, distance)
     ]
 
 
@@ -150,7 +206,8 @@ def anomaly_map(
     settings: MapSettings,
 ) -> torch.Tensor:
     """Per-pixel anomaly (B, 1, H, W) from the two pyramids."""
-    return finish_map(level_maps(teacher_features, student_features, settings.size), settings)
+    levels = level_maps(teacher_features, student_features, settings.size, settings.distance)
+    return finish_map(levels, settings)
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ Format versions (a reader accepts every version up to its own and fills in what 
   1  stpm 0.1: the fields below except student_kind
   2  stpm 0.2: student_kind (the student's architecture; "same" = the teacher's) and
      max_false_alarms (the threshold as a quantile of the validation scores), resize_mode
-     ("squash" or "letterbox": how an image of another shape meets image_size)
+     ("squash" or "letterbox": how an image of another shape meets image_size), distance
+     ("cosine" or "standardized"; a standardized student carries its FeatureScale)
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from .version import __version__
 FORMAT = "stpm-model"
 FORMAT_VERSION = 2
 ONNX_METADATA_KEY = "stpm"
-ADDED_IN_VERSION_2 = {"student_kind": "same", "max_false_alarms": None, "resize_mode": "squash"}
+ADDED_IN_VERSION_2 = {
+    "student_kind": "same",
+    "max_false_alarms": None,
+    "resize_mode": "squash",
+    "distance": "cosine",
+}
 
 
 @dataclass
@@ -54,9 +60,11 @@ class ModelDescription:
     student_kind: str = "same"
     max_false_alarms: float | None = None  # the threshold rule: None for mean + 3 std
     resize_mode: str = "squash"  # how images become image_size: "squash" or "letterbox"
+    distance: str = "cosine"  # how a level's features are compared (stpm.model.layer_distances)
 
     def map_settings(self) -> MapSettings:
-        return MapSettings(tuple(self.image_size), self.combine, float(self.smoothing_sigma))
+        size = tuple(self.image_size)
+        return MapSettings(size, self.combine, float(self.smoothing_sigma), self.distance)
 
     def to_dict(self) -> dict:
         """Plain numbers, strings, lists and dicts, with the format's name and version first."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import weights
 from .errors import StpmError
+from .model import FeatureScale
 
 STUDENT_KINDS = ("same", "slim")  # or the name of a timm CNN
 
@@ -61,8 +62,16 @@ def student_exists(kind: str) -> bool:
     return kind in STUDENT_KINDS or weights.backbone_exists(kind)
 
 
-def build_student(kind: str, teacher: nn.Module) -> nn.Module:
-    """A student with random weights whose levels match the teacher's channels and strides."""
+def build_student(kind: str, teacher: nn.Module, distance: str = "cosine") -> nn.Module:
+    """A student with random weights whose levels match the teacher's channels and strides;
+    for the standardized distance it carries the teacher's feature scale (FeatureScale)."""
+    student = _student(kind, teacher)
+    if distance == "standardized":
+        return StandardizedStudent(student, teacher.feature_info.channels())
+    return student
+
+
+def _student(kind: str, teacher: nn.Module) -> nn.Module:
     architecture = teacher.pretrained_cfg["architecture"]
     out_indices = tuple(teacher.feature_info.out_indices)
     if kind == "same":
@@ -112,6 +121,20 @@ class ProjectedStudent(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         levels = self.features(images)
         return [project(level) for project, level in zip(self.projections, levels, strict=True)]
+
+
+class StandardizedStudent(nn.Module):
+    """A student that learns the teacher's features standardized per channel: it carries the
+    teacher's statistics (target_scale), so its state dict, the model file, carries them too."""
+
+    def __init__(self, features: nn.Module, widths: list[int]) -> None:
+        super().__init__()
+        self.features = features
+        self.feature_info = features.feature_info
+        self.target_scale = FeatureScale(widths)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.features(images)
 
 
 def drop_unused_blocks(features: nn.Module) -> nn.Module:

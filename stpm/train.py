@@ -102,6 +102,9 @@ def train_student(
     )
     # channels-last runs the student's backward pass about 1.4x faster on CPU (oneDNN)
     network.to(device, memory_format=torch.channels_last)
+    scale = getattr(network.student, "target_scale", None)
+    if scale is not None:  # the standardized distance: the teacher's statistics first
+        scale.set(*teacher_statistics(network, train_images, mean, std, settings, device))
     teacher_cache = cache_teacher_features(network, train_images, mean, std, settings, device)
     corrupted_validation = None
     if settings.selection == "separation" and validation_paths:
@@ -149,11 +152,13 @@ def train_student(
                 seen = torch.from_numpy(corrupted)
             if teacher_cache is None:
                 with torch.no_grad():
-                    targets = network.teacher(_batch(clean, mean, std, device))
+                    targets = network.teacher_targets(_batch(clean, mean, std, device))
             else:
                 targets = [level[batch_indices].to(device) for level in teacher_cache]
             student_features = network.student(_batch(seen, mean, std, device))
-            loss = feature_loss(targets, student_features, settings.hard_quantile)
+            loss = feature_loss(
+                targets, student_features, settings.hard_quantile, map_settings.distance
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -167,7 +172,9 @@ def train_student(
         }
         if validation_paths:
             record["validation_loss"] = float(
-                _per_image(network, validation_images, mean, std, settings, device).mean()
+                _per_image(
+                    network, validation_images, mean, std, settings, map_settings, device
+                ).mean()
             )
         if corrupted_validation is not None:
             record["separation"] = _separation(
@@ -235,24 +242,53 @@ def cache_teacher_features(
     Exact (no augmentation, teacher in eval mode) and a quarter of each step's work saved;
     skipped when they would take more than `budget` bytes of memory.
     """
-    sample = network.teacher(_batch(images[:1], mean, std, device))
+    sample = network.teacher_targets(_batch(images[:1], mean, std, device))
     per_image = sum(level.numel() * level.element_size() for level in sample)
     if per_image * len(images) > budget:
         return None
     levels = [[] for _ in sample]
     for batch in images.split(settings.batch_size):
         for store, level in zip(
-            levels, network.teacher(_batch(batch, mean, std, device)), strict=True
+            levels, network.teacher_targets(_batch(batch, mean, std, device)), strict=True
         ):
             store.append(level.cpu())
     return [torch.cat(store) for store in levels]
 
 
 @torch.inference_mode()
-def _per_image(network, images, mean, std, settings, device) -> torch.Tensor:
+def teacher_statistics(
+    network, images, mean, std, settings, device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per level, the mean and standard deviation of each channel of the teacher's features
+    over the training images (every position), accumulated batch by batch in float64."""
+    totals = None  # per level: (count, sum, sum of squares) over images and positions
+    for batch in images.split(settings.batch_size):
+        levels = [level.double() for level in network.teacher(_batch(batch, mean, std, device))]
+        moments = [
+            (level[:, 0].numel(), level.sum(dim=(0, 2, 3)), level.pow(2).sum(dim=(0, 2, 3)))
+            for level in levels
+        ]
+        totals = (
+            moments
+            if totals is None
+            else [
+                tuple(a + b for a, b in zip(old, new, strict=True))
+                for old, new in zip(totals, moments, strict=True)
+            ]
+        )
+    means = [total / count for count, total, _ in totals]
+    stds = [
+        (squares / count - m.pow(2)).clamp_min(0).sqrt()
+        for (count, _, squares), m in zip(totals, means, strict=True)
+    ]
+    return [m.float().cpu() for m in means], [s.float().cpu() for s in stds]
+
+
+@torch.inference_mode()
+def _per_image(network, images, mean, std, settings, map_settings, device) -> torch.Tensor:
     network.eval()
     losses = [
-        per_image_loss(*network(_batch(batch, mean, std, device))).cpu()
+        per_image_loss(*network(_batch(batch, mean, std, device)), map_settings.distance).cpu()
         for batch in images.split(settings.batch_size)
     ]
     return torch.cat(losses)

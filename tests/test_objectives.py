@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from stpm import STPM, StpmError, corruptions, data
 from stpm.export import export_onnx
@@ -35,8 +36,13 @@ def _validation_images(model) -> list:
 
 @pytest.mark.parametrize(
     "objective",
-    [{"denoise": 0.5}, {"hard_quantile": 0.9}, {"selection": "separation", "denoise": 0.5}],
-    ids=["denoise", "hard", "separation"],
+    [
+        {"denoise": 0.5},
+        {"hard_quantile": 0.9},
+        {"distance": "standardized"},
+        {"selection": "separation", "denoise": 0.5},
+    ],
+    ids=["denoise", "hard", "standardized", "separation"],
 )
 def test_each_objective_learns_and_sees_corruptions(category, tmp_path, monkeypatch, objective):
     corrupted_inputs = []
@@ -69,17 +75,18 @@ def test_each_objective_learns_and_sees_corruptions(category, tmp_path, monkeypa
         assert history[model.best_epoch_ - 1]["separation"] == best
     stack = np.stack(validation * 8)  # eight corruptions of each held-out image
     dirty = original(stack, [(9, index) for index in range(len(stack))])
+
     def score(images):  # the image score: the map's maximum
         return model.anomaly_maps(images).reshape(len(images), -1).max(axis=1).mean()
 
     if objective.get("selection") != "separation":  # 3 held-out images: it may keep epoch 1
         assert score(dirty) > score(stack)
     loaded = STPM.load(tmp_path / "run" / "model.pt", device="cpu")
-    assert (loaded.denoise, loaded.hard_quantile, loaded.selection) == (
-        model.denoise,
-        model.hard_quantile,
-        model.selection,
-    )
+    for name in ("denoise", "hard_quantile", "selection", "distance"):
+        assert getattr(loaded, name) == getattr(model, name)
+    trained_scale = model.runtime_.model.network.student.state_dict()
+    for key, value in loaded.runtime_.model.network.student.state_dict().items():
+        assert torch.equal(value, trained_scale[key])  # the feature scale included
     path = export_onnx(loaded.runtime_.model, loaded.describe(), tmp_path / "model.onnx")
     exported = STPM.load(path)
     assert np.abs(exported.anomaly_maps(dirty) - loaded.anomaly_maps(dirty)).max() < 1e-4
@@ -87,8 +94,20 @@ def test_each_objective_learns_and_sees_corruptions(category, tmp_path, monkeypa
 
 @pytest.mark.parametrize(
     "bad",
-    [{"denoise": 1.5}, {"hard_quantile": 1.0}, {"selection": "best"}],
+    [{"denoise": 1.5}, {"hard_quantile": 1.0}, {"selection": "best"}, {"distance": "l1"}],
 )
 def test_bad_objective_settings_are_refused(category, bad):
     with pytest.raises(StpmError):
         STPM(**{**TINY, **bad}).fit(category)
+
+
+def test_the_standardized_distance_sees_a_change_of_magnitude_that_cosine_ignores():
+    from stpm.model import FeatureScale, layer_distances
+
+    teacher = [torch.rand(1, 8, 4, 4) + 0.5]
+    brighter = [teacher[0] * 2.0]  # same direction, twice the magnitude
+    assert layer_distances(teacher, brighter)[0].max() < 1e-6
+    assert layer_distances(teacher, brighter, "standardized")[0].min() > 0.2
+    scale = FeatureScale([8])
+    scale.set([torch.full((8,), 0.5)], [torch.full((8,), 2.0)])
+    assert torch.allclose(scale(teacher)[0], (teacher[0] - 0.5) / 2.0)
