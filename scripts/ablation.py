@@ -169,13 +169,18 @@ def _headline(budget: dict) -> str:
 # ----------------------------------------------------------------------------- students
 
 STUDENT_BASE = {"image_size": 256, "epochs": 20}  # stpm.STPM()'s defaults otherwise
-STUDENTS = {  # name -> estimator settings over STUDENT_BASE (student, seed, resize_mode)
+STUDENTS = {  # name -> estimator settings over STUDENT_BASE; one knob at a time against slim
     "same-seed0": {},
     "slim-seed0": {"student": "slim"},
     "slim-seed1": {"student": "slim", "seed": 1},
     "slim-seed2": {"student": "slim", "seed": 2},
     "resnet18-seed0": {"student": "resnet18"},
     "slim-letterbox-seed0": {"student": "slim", "resize_mode": "letterbox"},
+    # training objectives (issue 17)
+    "slim-denoise-seed0": {"student": "slim", "denoise": 0.5},
+    "slim-standardized-seed0": {"student": "slim", "distance": "standardized"},
+    "slim-hard-seed0": {"student": "slim", "hard_quantile": 0.9},
+    "slim-separation-seed0": {"student": "slim", "denoise": 0.5, "selection": "separation"},
 }
 
 
@@ -186,6 +191,11 @@ def run_student(name: str, args: argparse.Namespace) -> dict:
 
     run_dir = args.work / "students" / name
     settings = {**STUDENT_BASE, **STUDENTS[name]}
+    record_path = args.work / "student_runs" / f"{name}.json"
+    if record_path.exists():  # scored before: the same settings need no second scoring
+        record = json.loads(record_path.read_text())
+        if record["settings"] == settings:
+            return record
     if not (run_dir / "model.pt").exists():
         if (run_dir / "checkpoint.pt").exists():
             STPM.resume(run_dir)
@@ -202,6 +212,8 @@ def run_student(name: str, args: argparse.Namespace) -> dict:
         **score_student(detector, args.data),
     }
     print(f"{name}: {_student_line(record)}", flush=True)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -309,8 +321,7 @@ def write_student_results(records: list[dict], results: Path) -> None:
     rows = [
         [
             r["name"],
-            r["settings"].get("student", "same"),
-            r["settings"].get("resize_mode", "squash"),
+            ", ".join(f"{k}={v}" for k, v in STUDENTS[r["name"]].items() if k != "seed") or "-",
             f"{r['gflops']:.2f}",
             "" if r["training_seconds"] is None else f"{r['training_seconds']:.0f}",
             *[cell(r["halves"][half]) for half in ("A", "B", "all")],
@@ -341,12 +352,13 @@ def write_student_results(records: list[dict], results: Path) -> None:
         for r in records
     ]
     lines = [
-        "# Students unlike the teacher, and an image-level add-on (Magnetic Tile)",
+        "# Students, input geometry, training objectives and an image-level add-on (Magnetic Tile)",
         "",
         f"CPU: {benchkit.cpu_line(benchkit.cpu_info())}. Command: `python scripts/ablation.py "
         "--students --data DIR --work DIR` (trains what its work folder lacks). Every student: "
         "the Lite0 teacher, strides 8/16/32, product of levels, sigma 4, 256 px, 20 epochs, "
-        "the epoch with the lowest validation loss; scored as stpm-predict scores (map maximum). "
+        "the epoch with the lowest validation loss, the cosine distance, unless its settings "
+        "say otherwise; scored as stpm-predict scores (map maximum). "
         "Test halves A (to choose on) and B (to check): every other image sorted by path. "
         "Cells: image AUROC (share of defective images caught at 1% / 5% false alarms, the "
         "threshold taken on the good images of the same half). GFLOP: teacher + student per "
@@ -356,8 +368,7 @@ def write_student_results(records: list[dict], results: Path) -> None:
         *benchkit.markdown_table(
             [
                 "run",
-                "student",
-                "resize",
+                "settings",
                 "GFLOP",
                 "train s",
                 "half A",
@@ -441,8 +452,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.students is not None:
-        names = args.students or list(STUDENTS)
-        write_student_results([run_student(name, args) for name in names], args.results)
+        records = []
+        for name in args.students or list(STUDENTS):
+            records.append(run_student(name, args))
+            write_student_results(records, args.results)  # the tables so far, after each run
         return
     if not args.report:
         for name in args.runs:
