@@ -6,6 +6,12 @@ batch 32, 100 epochs, 256x256 inputs. We keep all but the epochs: 20, because on
 to imitate the teacher on defects too; scripts/results/ablation.md). A held-out slice of
 train/good is never trained on; its losses pick the epoch to keep and its image scores
 calibrate the threshold.
+
+Objectives beyond the paper's (all off by default; TrainSettings): the student may see some
+images with a synthetic defect while it must still output the teacher's features of the clean
+image (denoise; stpm.corruptions), may average only its worst distances (hard_quantile), and
+the epoch kept may be the one that best separates the validation images from corrupted copies
+of them (selection="separation"). What they changed on Magnetic Tile: scripts/results/students.md.
 """
 
 from __future__ import annotations
