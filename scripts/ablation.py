@@ -181,7 +181,23 @@ STUDENTS = {  # name -> estimator settings over STUDENT_BASE; one knob at a time
     "slim-standardized-seed0": {"student": "slim", "distance": "standardized"},
     "slim-hard-seed0": {"student": "slim", "hard_quantile": 0.9},
     "slim-separation-seed0": {"student": "slim", "denoise": 0.5, "selection": "separation"},
+    "slim-denoise-standardized-seed0": {
+        "student": "slim",
+        "denoise": 0.5,
+        "distance": "standardized",
+    },
+    "same-denoise-seed0": {"denoise": 0.5},
+    "slim-gpu-seed0": {"student": "slim"},  # slim-seed0 trained on a GPU: the same numbers?
 }
+for _name in [
+    "slim-letterbox",
+    "slim-denoise",
+    "slim-standardized",
+    "slim-hard",
+    "slim-separation",
+    "slim-denoise-standardized",
+]:
+    STUDENTS[f"{_name}-seed1"] = {**STUDENTS[f"{_name}-seed0"], "seed": 1}
 
 
 def run_student(name: str, args: argparse.Namespace) -> dict:
@@ -200,7 +216,10 @@ def run_student(name: str, args: argparse.Namespace) -> dict:
         if (run_dir / "checkpoint.pt").exists():
             STPM.resume(run_dir)
         else:
-            STPM(**settings, device="cpu").fit(args.data, run_dir=run_dir)
+            device, weights = args.device, args.teacher_weights
+            STPM(**settings, device=device, teacher_weights=weights).fit(args.data, run_dir=run_dir)
+    if args.train_only:
+        return {}
     detector = STPM.load(run_dir / "model.pt", runtime="torch", device="cpu")
     config_path = run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
@@ -446,6 +465,9 @@ def main() -> None:
     parser.add_argument(
         "--students", nargs="*", choices=sorted(STUDENTS), help="the student runs (none: all)"
     )
+    parser.add_argument("--device", default="cpu", help="where --students trains (cpu, cuda)")
+    parser.add_argument("--train-only", action="store_true", help="--students: train, no scores")
+    parser.add_argument("--teacher-weights", help="a timm state dict, where no package has it")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="folder of ablation.json and ablation.md"
     )
@@ -455,7 +477,8 @@ def main() -> None:
         records = []
         for name in args.students or list(STUDENTS):
             records.append(run_student(name, args))
-            write_student_results(records, args.results)  # the tables so far, after each run
+            if not args.train_only:
+                write_student_results(records, args.results)  # the tables so far, after each run
         return
     if not args.report:
         for name in args.runs:
