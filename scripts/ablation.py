@@ -240,6 +240,7 @@ def score_student(detector, category: Path) -> dict:
     """The student's own figures (halves, pixel metrics, per defect) and the add-on's."""
     from stpm import data
     from stpm.evaluation import defect_labels, summarize
+    from stpm.gaussian import fit_pooled_gaussian
     from stpm.train import split_validation
 
     samples = data.test_samples(category)
@@ -250,30 +251,33 @@ def score_student(detector, category: Path) -> dict:
     for _, prediction in detector.predict_iter(paths, full_resolution=False):
         scores.append(prediction.score)
         maps.append(prediction.anomaly_map)
-    scores, maps = np.asarray(scores), np.stack(maps)
+    given, maps = np.asarray(scores), np.stack(maps)
+    scores = maps.reshape(len(maps), -1).max(axis=1)  # the student's own: the map's maximum
     metrics, _ = summarize(samples, scores, maps)
-    train, validation = split_validation(
-        data.train_images(category), detector.validation_fraction, detector.seed
-    )
-    gaussian = PooledGaussian.fit(detector, train)
-    distance = z_scored(
-        gaussian.distances(detector, validation), gaussian.distances(detector, paths)
-    )
-    student = z_scored(np.asarray(detector.validation_scores_), scores)
+    if detector.image_model is not None:  # trained with the add-on: its own term
+        term = given - scores
+        distance = term
+    else:  # fitted here as training fits it (same split, same features)
+        train, validation = split_validation(
+            data.train_images(category), detector.validation_fraction, detector.seed
+        )
+        gaussian = fit_pooled_gaussian(
+            pooled_teacher_features(detector, train),
+            pooled_teacher_features(detector, validation),
+            detector.validation_scores_,
+        )
+        test_pooled = torch.from_numpy(pooled_teacher_features(detector, paths)).float()
+        distance = gaussian.distances(test_pooled).double().numpy()  # the add-on alone
+        term = float(gaussian.scale) * (distance - float(gaussian.offset))  # as stpm adds it
     return {
         "halves": benchkit.image_figures(labels, scores, halves),
         "pixel_auroc": metrics["pixel_auroc"],
         "pro": metrics["pro"],
         "per_defect": {d: v["image_auroc"] for d, v in metrics["per_defect"].items()},
         "add_on_alone": benchkit.image_figures(labels, distance, halves),
-        "with_add_on": benchkit.image_figures(labels, student + distance, halves),
-        "with_add_on_per_defect": _per_defect_auroc(samples, labels, student + distance),
+        "with_add_on": benchkit.image_figures(labels, scores + term, halves),
+        "with_add_on_per_defect": _per_defect_auroc(samples, labels, scores + term),
     }
-
-
-def z_scored(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """values in standard deviations above the mean of reference (defect-free validation)."""
-    return (values - reference.mean()) / reference.std(ddof=1)
 
 
 def _per_defect_auroc(samples, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -284,42 +288,22 @@ def _per_defect_auroc(samples, labels: np.ndarray, scores: np.ndarray) -> dict[s
     return {d: image_auroc(labels[c], scores[c]) for d, c in chosen.items()}
 
 
-class PooledGaussian:
-    """The image-level add-on: a Gaussian of the teacher's globally averaged features (each
-    level's channel means, concatenated) over defect-free training images; an image's score is
-    its Mahalanobis distance. Sees what per-position cosine distances normalise away: a change
-    of brightness or texture over a large area."""
-
-    def __init__(self, mean: np.ndarray, precision: np.ndarray) -> None:
-        self.mean, self.precision = mean, precision
-
-    @classmethod
-    def fit(cls, detector, paths) -> PooledGaussian:
-        from sklearn.covariance import LedoitWolf
-
-        features = pooled_teacher_features(detector, paths)
-        covariance = LedoitWolf().fit(features)  # 472 dimensions, 685 images: shrunk
-        return cls(covariance.location_, covariance.precision_)
-
-    def distances(self, detector, paths) -> np.ndarray:
-        centred = pooled_teacher_features(detector, paths) - self.mean
-        return np.sqrt(np.einsum("nd,de,ne->n", centred, self.precision, centred))
-
-
 @torch.inference_mode()
 def pooled_teacher_features(detector, paths, batch_size: int = 16) -> np.ndarray:
-    """(N, channels summed over levels): each teacher level averaged over positions."""
+    """(N, channels summed over levels): the teacher's features as the student learns them,
+    each level averaged over positions (stpm.gaussian.pooled, what training fits on)."""
     from stpm import data
+    from stpm.gaussian import pooled
 
     images = data.load_resized(
         paths, detector.input_size_, "teacher features", detector.resize_mode
     )
-    teacher = torch_runtime(detector).model.network.teacher
-    pooled = []
+    network = torch_runtime(detector).model.network
+    features = []
     for batch in images.split(batch_size):
         normalized = torch.from_numpy(data.normalize(batch.numpy(), detector.mean_, detector.std_))
-        pooled.append(torch.cat([level.mean(dim=(2, 3)) for level in teacher(normalized)], dim=1))
-    return torch.cat(pooled).double().numpy()
+        features.append(pooled(network.teacher_targets(normalized)))
+    return torch.cat(features).double().numpy()
 
 
 def _student_line(record: dict) -> str:

@@ -101,10 +101,10 @@ class _Instant:
             runtime.threads,
             runtime.description,
         )
-        self.maps = runtime(tensor)
+        self.maps, self.terms = runtime(tensor)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.maps.copy()
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.maps.copy(), self.terms.copy()
 
 
 def _summary(milliseconds: list[float]) -> dict[str, float]:

@@ -95,6 +95,13 @@ def _train_parser() -> argparse.ArgumentParser:
     model.add_argument("--combine", choices=["product", "sum"], default=defaults["combine"])
     model.add_argument("--smoothing-sigma", type=float, default=defaults["smoothing_sigma"])
     model.add_argument(
+        "--image-model",
+        choices=["gaussian", "none"],
+        default=defaults["image_model"] or "none",
+        help="'gaussian': add an image-level term to each score, a Gaussian of the teacher's "
+        "pooled features (sees large-area changes the map normalises away)",
+    )
+    model.add_argument(
         "--distance",
         choices=["cosine", "standardized"],
         default=defaults["distance"],
@@ -182,6 +189,7 @@ def train_main(argv: list[str] | None = None) -> int:
         combine=args.combine,
         smoothing_sigma=args.smoothing_sigma,
         distance=args.distance,
+        image_model=None if args.image_model == "none" else args.image_model,
         student=args.student,
         epochs=args.epochs or STPM().epochs,
         batch_size=args.batch_size,

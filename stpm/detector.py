@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator
 from . import data, networks, visualize, weights
 from .errors import StpmError
 from .files import atomic_write, atomic_write_text
+from .gaussian import IMAGE_MODELS
 from .model import AnomalyMapModel, MapSettings, StudentTeacher
 from .modelfile import ModelDescription, load_untrusted, write_model_file
 from .runtime import TorchRuntime, open_runtime, resolve_device
@@ -40,7 +41,7 @@ class Prediction:
     """The verdict on one image. anomaly_map and mask have the image's own (H, W)."""
 
     path: str | None
-    score: float  # raw: max of the anomaly map at the model's input size
+    score: float  # raw: max of the anomaly map at the model's input size (+ the image term)
     normalized_score: float  # in [0, 1]; 0 = typical good image, 0.5 = the threshold
     anomaly_map: np.ndarray  # (H, W) float32, per-pixel anomaly
     mask: np.ndarray  # (H, W) bool, pixels above the threshold
@@ -57,7 +58,9 @@ class STPM(BaseEstimator):
     becomes that size, 'squash' (stretched) or 'letterbox' (aspect kept, padded); combine: 'product' (the paper) or 'sum';
     smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; distance: how
     a level's features are compared, 'cosine' (the paper) or 'standardized' (squared error of
-    per-channel standardized features, keeping their magnitude; stpm.model); student: the
+    per-channel standardized features, keeping their magnitude; stpm.model); image_model:
+    None, or 'gaussian' to add an image-level term to each score (a Gaussian of the teacher's
+    pooled features, stpm.gaussian; the map itself is the student's); student: the
     student's architecture: 'same' as the teacher, 'slim' (Lite0 at half width) or a timm CNN
     name (see stpm.networks). max_false_alarms: the share of defect-free
     images the threshold may reject (0.01: the 99th percentile of the validation scores); None
@@ -81,6 +84,7 @@ class STPM(BaseEstimator):
         combine: str = "product",
         smoothing_sigma: float = 4.0,
         distance: str = "cosine",
+        image_model: str | None = None,
         student: str = "same",
         max_false_alarms: float | None = None,
         epochs: int = 20,
@@ -104,6 +108,7 @@ class STPM(BaseEstimator):
         self.combine = combine
         self.smoothing_sigma = smoothing_sigma
         self.distance = distance
+        self.image_model = image_model
         self.student = student
         self.max_false_alarms = max_false_alarms
         self.epochs = epochs
@@ -151,6 +156,7 @@ class STPM(BaseEstimator):
             map_settings,
             device,
             resize_mode=self.resize_mode,
+            image_model=self.image_model,
             checkpoint=None if run_dir is None else self._checkpoint_writer(Path(run_dir), folder),
             resume=resume,
         )
@@ -160,7 +166,7 @@ class STPM(BaseEstimator):
         self.train_images_ = result.train_images
         self.validation_images_ = result.validation_images
         self._set_validation(result.validation_scores)
-        model = AnomalyMapModel(network, map_settings)
+        model = AnomalyMapModel(network, map_settings, result.image_model)
         self.runtime_ = TorchRuntime(model, self.describe(), device, self.threads)
         if run_dir is not None:
             self._write_run(Path(run_dir), folder)
@@ -203,7 +209,7 @@ class STPM(BaseEstimator):
         runtime = self._torch_runtime("the map of an ONNX export is fixed; set it on the .pt")
         settings = MapSettings(self.input_size_, combine, float(smoothing_sigma), self.distance)
         self.combine, self.smoothing_sigma = combine, float(smoothing_sigma)
-        model = AnomalyMapModel(runtime.model.network, settings)
+        model = AnomalyMapModel(runtime.model.network, settings, runtime.model.image_model)
         self.runtime_ = TorchRuntime(model, runtime.description, runtime.device, runtime.threads)
         scores = []
         for _, outcome in self.predict_iter(
@@ -227,6 +233,8 @@ class STPM(BaseEstimator):
             )
         if self.epochs < 1 or self.batch_size < 1:
             raise StpmError("epochs and batch size must be at least 1")
+        if self.image_model not in (None, *IMAGE_MODELS):
+            raise StpmError(f"image model must be None or 'gaussian', not {self.image_model!r}")
         if self.resize_mode not in data.RESIZE_MODES:
             raise StpmError(
                 f"resize mode must be one of {', '.join(data.RESIZE_MODES)}, not {self.resize_mode!r}"
@@ -360,8 +368,9 @@ class STPM(BaseEstimator):
         if not batch:
             return
         with data.opencv_single_threaded():
-            maps = self.anomaly_maps([image for _, image in batch], resize=True)[:, 0]
-            scores = maps.reshape(len(maps), -1).max(axis=1).tolist()
+            maps, terms = self._maps_and_terms([image for _, image in batch], resize=True)
+            maps = maps[:, 0]
+            scores = (maps.reshape(len(maps), -1).max(axis=1) + terms).tolist()
             if full_resolution:
                 maps = [
                     data.resize_map(m, image.shape[:2])
@@ -388,6 +397,10 @@ class STPM(BaseEstimator):
         A letterboxed image's map comes back as a squashed image's would: padding cut, part
         stretched to the input size (data.unletterbox_map), so callers read every map one way.
         """
+        return self._maps_and_terms(images, resize)[0]
+
+    def _maps_and_terms(self, images, resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """anomaly_maps, and each image's image-level term (B,): score = map maximum + term."""
         self._check_fitted()
         shapes = None
         if resize:
@@ -396,7 +409,7 @@ class STPM(BaseEstimator):
             images = images[0][None] if len(images) == 1 else np.stack(images)
         elif isinstance(images, torch.Tensor):
             images = images.numpy()
-        maps = self.runtime_(data.normalize(images, self.mean_, self.std_))
+        maps, terms = self.runtime_(data.normalize(images, self.mean_, self.std_))
         if shapes is not None and self.resize_mode == "letterbox":
             maps = np.stack(
                 [
@@ -404,7 +417,7 @@ class STPM(BaseEstimator):
                     for m, shape in zip(maps, shapes, strict=True)
                 ]
             )
-        return maps
+        return maps, terms
 
     def normalize_score(self, score: float, threshold: float | None = None) -> float:
         """Map a raw score to [0, 1] linearly: the validation mean -> 0, the threshold -> 0.5."""
@@ -442,6 +455,7 @@ class STPM(BaseEstimator):
             combine=self.combine,
             smoothing_sigma=float(self.smoothing_sigma),
             distance=self.distance,
+            image_model=self.image_model,
             teacher=dict(self.teacher_),
             validation={
                 "scores": list(self.validation_scores_),
@@ -460,7 +474,13 @@ class STPM(BaseEstimator):
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically (a crash leaves the old file or the new one)."""
         runtime = self._torch_runtime("an ONNX export cannot be saved as a model file")
-        return write_model_file(path, self.describe(), runtime.model.network.student.state_dict())
+        image_model = runtime.model.image_model
+        return write_model_file(
+            path,
+            self.describe(),
+            runtime.model.network.student.state_dict(),
+            None if image_model is None else image_model.state_dict(),
+        )
 
     @classmethod
     def load(
@@ -488,6 +508,7 @@ class STPM(BaseEstimator):
             combine=description.combine,
             smoothing_sigma=description.smoothing_sigma,
             distance=description.distance,
+            image_model=description.image_model,
             student=description.student_kind,
             max_false_alarms=description.max_false_alarms,
             device=device,

@@ -1,7 +1,8 @@
 """ONNX export and INT8 quantisation: the fast CPU path (stpm.runtime runs the files).
 
-One graph takes normalised images (B, 3, H, W) and returns the anomaly map (B, 1, H, W) and
-the image score (B,): teacher, student and map arithmetic all inside, batch size dynamic.
+One graph takes normalised images (B, 3, H, W) and returns the anomaly map (B, 1, H, W), the
+image score (B,) and the image-level term in it (B,): teacher, student, map arithmetic and the
+image-level model (if any) all inside, batch size dynamic.
 Everything else prediction needs (threshold, normalisation, input size) travels in the file's
 metadata, so `STPM.load("model.onnx")` needs neither the .pt file nor the teacher's weights.
 
@@ -40,12 +41,14 @@ OPSET = 17
 def export_onnx(model: AnomalyMapModel, description: ModelDescription, path: str | Path) -> Path:
     """Write model as one ONNX graph, description in its metadata (atomically).
 
-    The graph: normalised images (B, 3, H, W) -> anomaly maps (B, 1, H, W) and scores (B,).
+    The graph: normalised images (B, 3, H, W) -> anomaly maps (B, 1, H, W), scores (B,) and
+    image terms (B,).
     """
     import onnx
 
     size = model.settings.size
-    graph = AnomalyMapModel(fixed_same_padding(model.network, size), model.settings).eval()
+    network = fixed_same_padding(model.network, size)
+    graph = AnomalyMapModel(network, model.settings, model.image_model).eval()
     example = torch.zeros((1, 3, *size))
     with tempfile.TemporaryDirectory() as folder:
         raw = Path(folder) / "model.onnx"
@@ -56,11 +59,12 @@ def export_onnx(model: AnomalyMapModel, description: ModelDescription, path: str
                 (example,),
                 str(raw),
                 input_names=["images"],
-                output_names=["anomaly_map", "score"],
+                output_names=["anomaly_map", "score", "image_term"],
                 dynamic_axes={
                     "images": {0: "batch"},
                     "anomaly_map": {0: "batch"},
                     "score": {0: "batch"},
+                    "image_term": {0: "batch"},
                 },
                 opset_version=OPSET,
                 dynamo=False,
@@ -139,14 +143,16 @@ def compare(reference, exported, images: np.ndarray, mean, std, batch_size: int 
     on uint8 images (N, H, W, 3) at the input size."""
     if len(images) == 0:
         raise StpmError("no images to compare the export on")
-    ours, theirs = [], []
+    ours, theirs, our_terms, their_terms = [], [], [], []
     for start in range(0, len(images), batch_size):
         batch = data.normalize(images[start : start + batch_size], mean, std)
-        ours.append(reference(batch))
-        theirs.append(exported(batch))
+        for maps, terms, runtime in ((ours, our_terms, reference), (theirs, their_terms, exported)):
+            batch_maps, batch_terms = runtime(batch)
+            maps.append(batch_maps)
+            terms.append(batch_terms)
     ours, theirs = np.concatenate(ours), np.concatenate(theirs)
-    our_scores = ours.reshape(len(ours), -1).max(axis=1)
-    their_scores = theirs.reshape(len(theirs), -1).max(axis=1)
+    our_scores = ours.reshape(len(ours), -1).max(axis=1) + np.concatenate(our_terms)
+    their_scores = theirs.reshape(len(theirs), -1).max(axis=1) + np.concatenate(their_terms)
     return {
         "images": len(images),
         "max_abs_map_difference": float(np.abs(ours - theirs).max()),

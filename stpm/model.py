@@ -99,20 +99,36 @@ class StudentTeacher(nn.Module):
 
 
 class AnomalyMapModel(nn.Module):
-    """Normalised images (B, 3, H, W) -> (anomaly maps (B, 1, H, W), image scores (B,))."""
+    """Normalised images (B, 3, H, W) -> anomaly maps (B, 1, H, W), image scores (B,) and the
+    image-level term in them (B,): score = the map's maximum + term.
 
-    def __init__(self, network: StudentTeacher, settings: MapSettings) -> None:
+    image_model: None (term 0), or a module from the teacher's features to the term
+    (stpm.gaussian.PooledGaussian).
+    """
+
+    def __init__(
+        self, network: StudentTeacher, settings: MapSettings, image_model: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.network = network
         self.settings = settings
+        self.image_model = image_model
 
     def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-level distances upsampled to the map size: one (B, 1, H, W) per level."""
         return level_maps(*self.network(images), self.settings.size, self.settings.distance)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = finish_map(self.level_maps(images), self.settings)
-        return maps, image_scores(maps)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        teacher_features, student_features = self.network(images)
+        levels = level_maps(
+            teacher_features, student_features, self.settings.size, self.settings.distance
+        )
+        maps = finish_map(levels, self.settings)
+        if self.image_model is None:
+            terms = maps.new_zeros(maps.shape[0])
+        else:
+            terms = self.image_model(teacher_features)
+        return maps, image_scores(maps) + terms, terms
 
 
 def layer_distances(

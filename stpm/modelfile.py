@@ -10,7 +10,8 @@ Format versions (a reader accepts every version up to its own and fills in what 
   2  stpm 0.2: student_kind (the student's architecture; "same" = the teacher's) and
      max_false_alarms (the threshold as a quantile of the validation scores), resize_mode
      ("squash" or "letterbox": how an image of another shape meets image_size), distance
-     ("cosine" or "standardized"; a standardized student carries its FeatureScale)
+     ("cosine" or "standardized"; a standardized student carries its FeatureScale) and
+     image_model ("gaussian": the file's "image_model_weights" entry holds its tensors)
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from .version import __version__
 FORMAT = "stpm-model"
 FORMAT_VERSION = 2
 ONNX_METADATA_KEY = "stpm"
+IMAGE_MODEL_KEY = "image_model_weights"  # beside "student": the image-level model's tensors
 ADDED_IN_VERSION_2 = {
     "student_kind": "same",
     "max_false_alarms": None,
     "resize_mode": "squash",
     "distance": "cosine",
+    "image_model": None,
 }
 
 
@@ -61,6 +64,7 @@ class ModelDescription:
     max_false_alarms: float | None = None  # the threshold rule: None for mean + 3 std
     resize_mode: str = "squash"  # how images become image_size: "squash" or "letterbox"
     distance: str = "cosine"  # how a level's features are compared (stpm.model.layer_distances)
+    image_model: str | None = None  # "gaussian": an image-level term in the score (stpm.gaussian)
 
     def map_settings(self) -> MapSettings:
         size = tuple(self.image_size)
@@ -113,8 +117,11 @@ def load_untrusted(path: Path, what: str):
         raise StpmError(f"{path} is not a readable {what} ({first_line[:160]})") from None
 
 
-def read_model_file(path: str | Path) -> tuple[ModelDescription, dict[str, torch.Tensor]]:
-    """A `.pt` model file's description and the student's state dict."""
+def read_model_file(
+    path: str | Path,
+) -> tuple[ModelDescription, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """A `.pt` model file's description, the student's state dict and the image-level model's
+    (None without one)."""
     path = Path(path)
     if not path.is_file():
         raise StpmError(f"model file not found: {path}")
@@ -125,17 +132,29 @@ def read_model_file(path: str | Path) -> tuple[ModelDescription, dict[str, torch
         isinstance(value, torch.Tensor) for value in student.values()
     ):
         raise StpmError(f"{path} is an incomplete stpm model file (no student weights)")
-    return description, student
+    image_model = state.get(IMAGE_MODEL_KEY)
+    if (description.image_model is None) != (image_model is None) or not all(
+        isinstance(value, torch.Tensor) for value in (image_model or {}).values()
+    ):
+        raise StpmError(f"{path} is an incomplete stpm model file (its image model)")
+    return description, student, image_model
 
 
 def write_model_file(
-    path: str | Path, description: ModelDescription, student: dict[str, torch.Tensor]
+    path: str | Path,
+    description: ModelDescription,
+    student: dict[str, torch.Tensor],
+    image_model: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model file atomically (a crash leaves the old file or the new one)."""
     state = {
         **description.to_dict(),
         "student": {name: tensor.detach().cpu() for name, tensor in student.items()},
     }
+    if image_model is not None:
+        state[IMAGE_MODEL_KEY] = {
+            name: tensor.detach().cpu() for name, tensor in image_model.items()
+        }
     return atomic_write(path, lambda temporary: torch.save(state, temporary))
 
 

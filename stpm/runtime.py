@@ -1,7 +1,9 @@
 """Runtimes: what turns normalised images into anomaly maps, with torch, ONNX Runtime or OpenVINO.
 
 Every runtime is a callable with one contract: float32 (B, 3, H, W) normalised images, as
-numpy, -> float32 (B, 1, H, W) anomaly maps, as numpy; plus `description` (the model's
+numpy, -> (float32 (B, 1, H, W) anomaly maps, float32 (B,) image terms), as numpy: an image's
+score is its map's maximum plus its term (0 without an image-level model, stpm.gaussian); plus
+`description` (the model's
 ModelDescription), `name` and `threads`. The estimator holds one and knows nothing else about
 it, so a new runtime is a new class here and a name in `open_runtime`.
 
@@ -23,10 +25,12 @@ import torch
 
 from . import networks, weights
 from .errors import StpmError
+from .gaussian import PooledGaussian
 from .model import AnomalyMapModel, StudentTeacher
 from .modelfile import ModelDescription, description_from_onnx_metadata, read_model_file
 
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
+OUTPUTS = ("anomaly_map", "image_term")  # the graph outputs a runtime reads, in this order
 PRECISIONS = ("f32", "bf16")
 # A 256 px map network is a few dozen layers of a few million multiply-adds each: split over
 # more than about 8 threads, a single image spends more time synchronising than computing.
@@ -34,13 +38,13 @@ MAX_DEFAULT_THREADS = 8
 
 
 class Runtime(Protocol):
-    """Normalised images (B, 3, H, W) float32 -> anomaly maps (B, 1, H, W) float32."""
+    """Normalised images (B, 3, H, W) -> (anomaly maps (B, 1, H, W), image terms (B,)), float32."""
 
     name: str
     description: ModelDescription
     threads: int
 
-    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def default_threads() -> int:
@@ -100,9 +104,9 @@ class TorchRuntime:
         self.threads = torch.get_num_threads()
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        maps, _ = self.model(torch.from_numpy(images).to(self.device))
-        return maps.float().cpu().numpy()
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, _, terms = self.model(torch.from_numpy(images).to(self.device))
+        return maps.float().cpu().numpy(), terms.float().cpu().numpy()
 
 
 class OnnxRuntime:
@@ -130,10 +134,14 @@ class OnnxRuntime:
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.description = description_from_onnx_metadata(metadata, path)
         self.path = Path(path)
+        # exports before the image term have no such output: their term is 0
+        self.outputs = [o.name for o in self.session.get_outputs() if o.name in OUTPUTS]
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        (maps,) = self.session.run(["anomaly_map"], {"images": images})
-        return maps
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = self.session.run(self.outputs, {"images": images})
+        maps = found[0]
+        terms = found[1] if len(found) > 1 else np.zeros(len(maps), np.float32)
+        return maps, terms
 
 
 class OpenVinoRuntime:
@@ -191,13 +199,19 @@ class OpenVinoRuntime:
                     f"{self.path}: OpenVINO cannot compile it ({str(error)[:200]})"
                 ) from None
             precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-            self.requests[batch] = (compiled.create_infer_request(), str(precision))
+            names = [output.get_any_name() for output in compiled.outputs]
+            outputs = [names.index(name) for name in OUTPUTS if name in names]
+            self.requests[batch] = (compiled.create_infer_request(), str(precision), outputs)
         return self.requests[batch]
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        request, _ = self._request(len(images))
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        request, _, outputs = self._request(len(images))
         request.infer({0: images}, share_inputs=True)  # reads the contiguous batch in place
-        return request.get_output_tensor(0).data.copy()  # the buffer is reused next call
+        # copies: the buffers are reused next call
+        maps = request.get_output_tensor(outputs[0]).data.copy()
+        if len(outputs) > 1:
+            return maps, request.get_output_tensor(outputs[1]).data.copy()
+        return maps, np.zeros(len(maps), np.float32)
 
 
 def _onnx_description(path: Path) -> ModelDescription:
@@ -219,7 +233,7 @@ def load_torch(
     force: bool = False,
 ) -> TorchRuntime:
     """A `.pt` model file on torch; refuses a file whose teacher differs from this machine's."""
-    description, student_state = read_model_file(path)
+    description, student_state, image_state = read_model_file(path)
     source = description.teacher["source"]
     if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
         teacher_weights = source[5:]
@@ -241,7 +255,12 @@ def load_torch(
             f"{fingerprint[:12]}); its scores would be meaningless. Pass the right "
             "--teacher-weights, or --force"
         )
-    model = AnomalyMapModel(StudentTeacher(teacher, student), description.map_settings())
+    image_model = None
+    if image_state is not None:
+        image_model = PooledGaussian(len(image_state["mean"]))
+        image_model.load_state_dict(image_state)
+    network = StudentTeacher(teacher, student)
+    model = AnomalyMapModel(network, description.map_settings(), image_model)
     return TorchRuntime(model, description, resolve_device(device), threads)
 
 

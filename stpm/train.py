@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import corruptions, data
+from .gaussian import fit_pooled_gaussian, pooled
 from .metrics import image_auroc
 from .model import AnomalyMapModel, MapSettings, StudentTeacher, feature_loss, per_image_loss
 
@@ -61,6 +62,7 @@ class TrainResult:
     train_images: int = 0
     validation_images: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    image_model: torch.nn.Module | None = None  # stpm.gaussian.PooledGaussian, if asked for
 
 
 def seed_everything(seed: int) -> None:
@@ -91,6 +93,7 @@ def train_student(
     map_settings: MapSettings,
     device: torch.device,
     resize_mode: str = "squash",
+    image_model: str | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
 ) -> TrainResult:
@@ -184,14 +187,7 @@ def train_student(
             )
         if corrupted_validation is not None:
             record["separation"] = _separation(
-                network,
-                validation_images,
-                corrupted_validation,
-                mean,
-                std,
-                settings,
-                map_settings,
-                device,
+                network, validation_images, corrupted_validation, mean, std, settings, map_settings
             )
         result.history.append(record)
         held_out = record.get("validation_loss", record["loss"])
@@ -216,15 +212,29 @@ def train_student(
             )
     progress.close()
     network.student.load_state_dict(best_state)
-    if validation_paths:
+
+    def validation_scores(image_term=None) -> list[float]:
+        model = AnomalyMapModel(network, map_settings, image_term).eval()
         if resize_mode == "letterbox":  # scored as prediction scores them: the part only
-            result.validation_scores = _letterboxed_scores(
-                network, validation_images, validation_paths, mean, std, map_settings, device
-            )
-        else:
-            result.validation_scores = _validation_scores(
-                network, validation_images, mean, std, settings, map_settings, device
-            ).tolist()
+            return _letterboxed_scores(model, validation_images, validation_paths, mean, std)
+        return _validation_scores(model, validation_images, mean, std, settings)
+
+    if validation_paths:
+        result.validation_scores = validation_scores()
+    if image_model == "gaussian":
+        train_pooled = (
+            pooled(teacher_cache)
+            if teacher_cache is not None
+            else _pooled_teacher(network, train_images, mean, std, settings, device)
+        )
+        validation_pooled = _pooled_teacher(network, validation_images, mean, std, settings, device)
+        result.image_model = fit_pooled_gaussian(
+            train_pooled.double().numpy(),
+            validation_pooled.double().numpy(),
+            result.validation_scores,
+        ).to(device)
+        if validation_paths:
+            result.validation_scores = validation_scores(result.image_model)
     result.seconds = time.perf_counter() - started
     network.to(memory_format=torch.contiguous_format)  # single images run faster that way
     return result
@@ -301,40 +311,46 @@ def _per_image(network, images, mean, std, settings, map_settings, device) -> to
 
 
 @torch.inference_mode()
-def _validation_scores(
-    network, images, mean, std, settings, map_settings: MapSettings, device
-) -> torch.Tensor:
+def _validation_scores(model: AnomalyMapModel, images, mean, std, settings) -> list[float]:
     """Image scores of the validation images, through the same map model prediction runs."""
-    model = AnomalyMapModel(network, map_settings).eval()
+    device = next(model.parameters()).device
     return torch.cat(
         [
             model(_batch(batch, mean, std, device))[1].cpu()
             for batch in images.split(settings.batch_size)
         ]
-    )
+    ).tolist()
 
 
 @torch.inference_mode()
-def _letterboxed_scores(
-    network, images, paths, mean, std, map_settings: MapSettings, device
-) -> list[float]:
+def _letterboxed_scores(model: AnomalyMapModel, images, paths, mean, std) -> list[float]:
     """Image scores of letterboxed images: each map's maximum over the part, padding excluded."""
-    model = AnomalyMapModel(network, map_settings).eval()
+    device = next(model.parameters()).device
     scores = []
     for image, path in zip(images, paths, strict=True):
-        anomaly_map = model(_batch(image[None], mean, std, device))[0][0, 0].cpu().numpy()
-        scores.append(float(data.unletterbox_map(anomaly_map, data.image_shape(path)).max()))
+        maps, _, terms = model(_batch(image[None], mean, std, device))
+        part = data.unletterbox_map(maps[0, 0].cpu().numpy(), data.image_shape(path))
+        scores.append(float(part.max()) + float(terms[0]))
     return scores
 
 
-def _separation(
-    network, clean, corrupted, mean, std, settings, map_settings: MapSettings, device
-) -> float:
+@torch.inference_mode()
+def _pooled_teacher(network, images, mean, std, settings, device) -> torch.Tensor:
+    """The teacher's features of images, each level averaged over positions: (N, D)."""
+    return torch.cat(
+        [
+            pooled(network.teacher_targets(_batch(batch, mean, std, device))).cpu()
+            for batch in images.split(settings.batch_size)
+        ]
+    )
+
+
+def _separation(network, clean, corrupted, mean, std, settings, map_settings) -> float:
     """Image AUROC of the validation images against corrupted copies of them: how well this
     epoch's student tells a synthetic defect from a held-out good image."""
+    model = AnomalyMapModel(network, map_settings).eval()
     scores = [
-        _validation_scores(network, images, mean, std, settings, map_settings, device).numpy()
-        for images in (clean, corrupted)
+        _validation_scores(model, images, mean, std, settings) for images in (clean, corrupted)
     ]
     labels = np.r_[np.zeros(len(clean)), np.ones(len(corrupted))]
     return image_auroc(labels, np.concatenate(scores))
