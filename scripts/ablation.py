@@ -189,7 +189,23 @@ STUDENTS = {  # name -> estimator settings over STUDENT_BASE; one knob at a time
     "same-denoise-seed0": {"denoise": 0.5},
     "slim-gpu-seed0": {"student": "slim"},  # slim-seed0 trained on a GPU: the same numbers?
 }
+STUDENTS.update(  # the hard feature loss led the screening: its quantile, combinations, width
+    {
+        "slim-hard-q0.75-seed0": {"student": "slim", "hard_quantile": 0.75},
+        "slim-hard-q0.99-seed0": {"student": "slim", "hard_quantile": 0.99},
+        "slim-hard-seed2": {"student": "slim", "hard_quantile": 0.9, "seed": 2},
+        "slim-hard-denoise-seed0": {"student": "slim", "hard_quantile": 0.9, "denoise": 0.5},
+        "slim-hard-standardized-seed0": {
+            "student": "slim",
+            "hard_quantile": 0.9,
+            "distance": "standardized",
+        },
+        "same-hard-seed0": {"hard_quantile": 0.9},
+    }
+)
 for _name in [
+    "same-hard",
+    "slim-hard-standardized",
     "slim-letterbox",
     "slim-denoise",
     "slim-standardized",
@@ -198,6 +214,7 @@ for _name in [
     "slim-denoise-standardized",
 ]:
     STUDENTS[f"{_name}-seed1"] = {**STUDENTS[f"{_name}-seed0"], "seed": 1}
+STUDENTS["slim-hard-standardized-seed2"] = {**STUDENTS["slim-hard-standardized-seed0"], "seed": 2}
 
 
 def run_student(name: str, args: argparse.Namespace) -> dict:
