@@ -135,9 +135,10 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--hard-quantile",
-        type=float,
+        type=_float_or_none,
         default=defaults["hard_quantile"],
-        help="average only the distances at or above this quantile (e.g. 0.9)",
+        help="average only the distances at or above this quantile of a batch's; "
+        "'none' for the paper's plain mean",
     )
     training.add_argument(
         "--selection",
@@ -166,6 +167,16 @@ def _train_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="run folder (default: runs/<category>/<timestamp>)"
     )
     return parser
+
+
+def _float_or_none(text: str) -> float | None:
+    """argparse type: a number, or 'none'."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
 
 
 @_friendly

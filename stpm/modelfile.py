@@ -33,6 +33,8 @@ FORMAT = "stpm-model"
 FORMAT_VERSION = 2
 ONNX_METADATA_KEY = "stpm"
 IMAGE_MODEL_KEY = "image_model_weights"  # beside "student": the image-level model's tensors
+# training settings a file without them was trained with (the paper's objective)
+OBJECTIVES_BEFORE_0_2 = {"denoise": 0.0, "hard_quantile": None, "selection": "loss"}
 ADDED_IN_VERSION_2 = {
     "student_kind": "same",
     "max_false_alarms": None,
@@ -90,6 +92,8 @@ class ModelDescription:
                 f"{path} was written by a newer stpm ({state.get('stpm_version')}); upgrade stpm"
             )
         state = {**ADDED_IN_VERSION_2, **state} if version < 2 else state
+        if isinstance(state.get("settings"), dict):  # trained before the objectives existed
+            state["settings"] = {**OBJECTIVES_BEFORE_0_2, **state["settings"]}
         names = {item.name for item in dataclasses.fields(cls)}
         required = {item.name for item in dataclasses.fields(cls) if _required(item)}
         missing = sorted(required - set(state))

@@ -4,9 +4,9 @@ Contract: (B, 3, H, W) normalised images in, one feature map per level out, with
 channels and strides. The teacher is frozen (ImageNet weights, eval mode); the student is built
 by `build_student(kind, teacher)`, always with random weights:
   - "same": the teacher's architecture (the paper);
-  - "slim": EfficientNet-Lite0 at half its channels (for the default Lite0 teacher), built by
-    timm's own EfficientNet-Lite generator with channel_multiplier=0.5, since the public
-    `timm.create_model("tf_efficientnet_lite0")` fixes the multiplier at 1.0;
+  - "slim": an EfficientNet-Lite teacher's architecture at half its channels, built by timm's
+    own EfficientNet-Lite generator with half the teacher's channel multiplier (Lite0: 0.5),
+    since the public `timm.create_model("tf_efficientnet_lite0")` fixes the multipliers;
   - any other timm CNN name (e.g. "resnet18"): that network, cut at the teacher's strides.
 A student whose level widths differ from the teacher's gets a 1x1 projection per level, trained
 with it and saved in the model file with its other weights.
@@ -27,6 +27,14 @@ from .errors import StpmError
 from .model import FeatureScale
 
 STUDENT_KINDS = ("same", "slim")  # or the name of a timm CNN
+# timm's (channel, depth) multipliers of the EfficientNet-Lite family: "slim" halves the first
+LITE_MULTIPLIERS = {
+    "tf_efficientnet_lite0": (1.0, 1.0),
+    "tf_efficientnet_lite1": (1.0, 1.1),
+    "tf_efficientnet_lite2": (1.1, 1.2),
+    "tf_efficientnet_lite3": (1.2, 1.4),
+    "tf_efficientnet_lite4": (1.4, 1.8),
+}
 
 
 def pyramid_indices(backbone: str, strides: Sequence[int]) -> tuple[int, ...]:
@@ -77,7 +85,7 @@ def _student(kind: str, teacher: nn.Module) -> nn.Module:
     if kind == "same":
         return drop_unused_blocks(weights.create_backbone(architecture, out_indices, False))
     if kind == "slim":
-        features = _slim_lite0(architecture, out_indices)
+        features = _slim_lite(architecture, out_indices)
     elif weights.backbone_exists(kind):
         features = weights.create_backbone(
             kind, pyramid_indices(kind, teacher.feature_info.reduction()), False
@@ -89,19 +97,22 @@ def _student(kind: str, teacher: nn.Module) -> nn.Module:
     return ProjectedStudent(drop_unused_blocks(features), teacher.feature_info.channels())
 
 
-def _slim_lite0(architecture: str, out_indices: tuple[int, ...]) -> nn.Module:
-    if architecture != "tf_efficientnet_lite0":
+def _slim_lite(architecture: str, out_indices: tuple[int, ...]) -> nn.Module:
+    if architecture not in LITE_MULTIPLIERS:
         raise StpmError(
-            f"the slim student is defined for tf_efficientnet_lite0, not {architecture}"
+            f"the slim student is defined for EfficientNet-Lite teachers, not {architecture}; "
+            "use student='same' (--student same) or a timm CNN name"
         )
     from timm.models.efficientnet import _gen_efficientnet_lite
 
+    channels, depth = LITE_MULTIPLIERS[architecture]
     return _gen_efficientnet_lite(
         architecture,
-        channel_multiplier=0.5,
+        channel_multiplier=channels / 2,
+        depth_multiplier=depth,
         features_only=True,
         out_indices=out_indices,
-        bn_eps=1e-3,  # tf_efficientnet_lite0's own settings: TF's BatchNorm epsilon
+        bn_eps=1e-3,  # the tf_ models' own settings: TF's BatchNorm epsilon
         pad_type="same",  # and TF's 'same' padding
     )
 

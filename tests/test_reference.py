@@ -23,6 +23,9 @@ def test_a_version_1_model_file_gives_its_old_maps_and_scores():
     reference = np.load(DATA / "v1_tiny_maps.npz")
     model = STPM.load(DATA / "v1_tiny_model.pt", device="cpu")
     assert model.threshold_ == pytest.approx(float(reference["threshold"]), rel=1e-12)
+    # what it was trained with, whatever today's defaults are
+    assert (model.student, model.hard_quantile, model.image_model) == ("same", None, None)
+    assert (model.distance, model.resize_mode, model.denoise) == ("cosine", "squash", 0.0)
     predictions = model.predict([DATA / f"image_{index}.png" for index in range(4)])
     maps = np.stack([prediction.anomaly_map for prediction in predictions])
     np.testing.assert_allclose(maps, reference["maps"], rtol=1e-5, atol=1e-7)

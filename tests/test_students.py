@@ -43,6 +43,15 @@ def test_the_slim_student_is_narrower_than_the_teacher(teacher):
         build_student("no_such_net", teacher)
 
 
+def test_slim_halves_any_efficientnet_lite_and_refuses_other_teachers():
+    lite2, _ = build_teacher("tf_efficientnet_lite2", (2, 3), False)
+    slim = build_student("slim", lite2)
+    assert slim.features.feature_info.channels() == [24, 64]  # half of Lite2's 48, 120 (rounded)
+    resnet, _ = build_teacher("resnet18", (1, 2), False)
+    with pytest.raises(StpmError, match="student='same'"):
+        build_student("slim", resnet)
+
+
 @pytest.mark.parametrize("kind", ["slim", "resnet18"])
 def test_each_kind_trains_reloads_and_exports_with_the_same_maps(category, tmp_path, kind):
     model = STPM(**{**TINY, "epochs": 2, "student": kind}).fit(category, run_dir=tmp_path / "run")
