@@ -8,7 +8,7 @@ train/good is never trained on; its losses pick the epoch to keep and its image 
 calibrate the threshold.
 
 Objectives beyond the paper's (TrainSettings): the student averages only its worst distances,
-those at or above the 0.9 quantile of a batch's (hard_quantile, EfficientAD's hard feature loss:
+those at or above the 0.99 quantile of a batch's (hard_quantile, EfficientAD's hard feature loss:
 on by default, None for the paper's mean); it may see some images with a synthetic defect while
 it must still output the teacher's features of the clean image (denoise; stpm.corruptions); and
 the epoch kept may be the one that best separates the validation images from corrupted copies
@@ -46,7 +46,7 @@ class TrainSettings:
     validation_fraction: float = 0.1
     seed: int = 0
     denoise: float = 0.0  # share of training images the student sees corrupted (stpm.corruptions)
-    hard_quantile: float | None = 0.9  # average only the distances at or above this quantile
+    hard_quantile: float | None = 0.99  # average only the distances at or above this quantile
     selection: str = "loss"  # keep the epoch of lowest validation "loss" or best "separation"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -103,7 +104,11 @@ def test_predictions_csv_has_only_whole_lines_after_sigkill(trained, tmp_path):
     assert text.endswith("\n")
     rows = list(csv.DictReader(text.splitlines()))
     assert 29 <= len(rows) < 400
-    assert all(row["verdict"] in ("good", "anomalous") and float(row["score"]) >= 0 for row in rows)
+    # a score is the map's maximum plus the image term, which is negative for a very typical part
+    assert all(
+        row["verdict"] in ("good", "anomalous") and math.isfinite(float(row["score"]))
+        for row in rows
+    )
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
