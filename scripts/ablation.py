@@ -236,7 +236,7 @@ def run_student(name: str, args: argparse.Namespace) -> dict:
     if record_path.exists():  # scored before: the same settings need no second scoring
         record = json.loads(record_path.read_text())
         if record["settings"] == settings:
-            return record
+            return {**record, **_cost(run_dir, settings)}
     if not (run_dir / "model.pt").exists():
         if (run_dir / "checkpoint.pt").exists():
             STPM.resume(run_dir)
@@ -247,19 +247,24 @@ def run_student(name: str, args: argparse.Namespace) -> dict:
     if args.train_only:
         return {}
     detector = STPM.load(run_dir / "model.pt", runtime="torch", device="cpu")
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    record = {
-        "name": name,
-        "settings": settings,
-        "training_seconds": config.get("training_seconds"),
-        "gflops": gflops_per_image({**BASE, "strides": list(detector.strides), **settings}),
-        **score_student(detector, args.data),
-    }
+    record = {"name": name, "settings": settings, **_cost(run_dir, settings)}
+    record.update(score_student(detector, args.data))
     print(f"{name}: {_student_line(record)}", flush=True)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _cost(run_dir: Path, settings: dict) -> dict:
+    """GFLOP per image (as benchmark_speed.py counts: the whole map model) and training time,
+    with the device it trained on (config.json; absent for a model without one)."""
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return {
+        "training_seconds": config.get("training_seconds"),
+        "trained_on": config.get("device"),
+        "gflops": gflops_per_image({**BASE, "strides": [8, 16, 32], **settings}, whole_map=True),
+    }
 
 
 def score_student(detector, category: Path) -> dict:
@@ -352,7 +357,9 @@ def write_student_results(records: list[dict], results: Path) -> None:
             r["name"],
             ", ".join(f"{k}={v}" for k, v in STUDENTS[r["name"]].items() if k != "seed") or "-",
             f"{r['gflops']:.2f}",
-            "" if r["training_seconds"] is None else f"{r['training_seconds']:.0f}",
+            ""
+            if r["training_seconds"] is None
+            else f"{r['training_seconds']:.0f} ({r['trained_on']})",
             *[cell(r["halves"][half]) for half in ("A", "B", "all")],
             f"{r['pixel_auroc']:.3f}",
             f"{r['pro']:.3f}",
@@ -390,9 +397,11 @@ def write_student_results(records: list[dict], results: Path) -> None:
         "say otherwise; scored as stpm-predict scores (map maximum). "
         "Test halves A (to choose on) and B (to check): every other image sorted by path. "
         "Cells: image AUROC (share of defective images caught at 1% / 5% false alarms, the "
-        "threshold taken on the good images of the same half). GFLOP: teacher + student per "
-        "256 px image, counted by torch's FlopCounterMode. Training seconds: on both cores of "
-        "the machine that trained it (config.json); compare only runs of one machine.",
+        "threshold taken on the good images of the same half). GFLOP: the whole map model per "
+        "256 px image, counted by torch's FlopCounterMode as scripts/benchmark_speed.py counts "
+        "it. Training seconds (config.json) with the device: cpu = both cores of a 2-vCPU "
+        "machine like this one; cuda = the H200 lent to one session, several runs sharing it; "
+        "compare only runs of one kind. The default model (same-seed0) came without one.",
         "",
         *benchkit.markdown_table(
             [
@@ -556,13 +565,15 @@ def _variant(record: dict, budget: str, combine: str, sigma: float) -> dict | No
     return None
 
 
-def gflops_per_image(settings: dict) -> float:
+def gflops_per_image(settings: dict, whole_map: bool = False) -> float:
     """Counted GFLOPs of teacher + student at these settings: a cost that machine load cannot
-    blur. Built as stpm builds them (random weights), blocks past the deepest level cut."""
+    blur. Built as stpm builds them (random weights), blocks past the deepest level cut.
+    whole_map: the whole map model (levels, product, sigma 4 blur), as benchmark_speed.py
+    counts a loaded model."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from stpm import weights
-    from stpm.model import StudentTeacher
+    from stpm.model import AnomalyMapModel, MapSettings, StudentTeacher
     from stpm.networks import build_student, drop_unused_blocks, pyramid_indices
 
     indices = pyramid_indices(settings["backbone"], settings["strides"])
@@ -570,6 +581,8 @@ def gflops_per_image(settings: dict) -> float:
     student = build_student(settings.get("student", "same"), teacher)
     network = StudentTeacher(teacher, student).eval()
     size = settings["image_size"]
+    if whole_map:
+        network = AnomalyMapModel(network, MapSettings((size, size), "product", 4.0)).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(torch.zeros(1, 3, size, size))
     return counter.get_total_flops() / 1e9

@@ -57,10 +57,17 @@ class FeatureScale(nn.Module):
             self.register_buffer(f"std{index}", torch.ones(1, width, 1, 1))
 
     def set(self, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor]) -> None:
-        """Per level, the channels' means and standard deviations, each (C,)."""
+        """Per level, the channels' means and standard deviations, each (C,).
+
+        A channel that barely varies on the training images (a ReLU that never fires) is
+        divided by at least a hundredth of its level's median spread, not by almost zero:
+        otherwise its first activation on a new image is a huge distance, and its gradients
+        blow the training up.
+        """
         for index, (mean, std) in enumerate(zip(means, stds, strict=True)):
+            floor = max(float(std.median()) * 1e-2, 1e-6)
             getattr(self, f"mean{index}").copy_(mean.view(1, -1, 1, 1))
-            getattr(self, f"std{index}").copy_(std.clamp_min(1e-6).view(1, -1, 1, 1))
+            getattr(self, f"std{index}").copy_(std.clamp_min(floor).view(1, -1, 1, 1))
 
     def forward(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [

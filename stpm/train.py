@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import corruptions, data
+from .errors import StpmError
 from .gaussian import fit_pooled_gaussian, pooled
 from .metrics import image_auroc
 from .model import AnomalyMapModel, MapSettings, StudentTeacher, feature_loss, per_image_loss
@@ -51,6 +52,7 @@ class TrainSettings:
 
 
 SELECTIONS = ("loss", "separation")
+MAX_GRADIENT_NORM = 1.0  # for the standardized distance only
 TRAINING, SELECTION = 0, 1  # first element of a corruption key: the two never share a stream
 
 
@@ -171,7 +173,16 @@ def train_student(
                 targets, student_features, settings.hard_quantile, map_settings.distance
             )
             optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                raise StpmError(
+                    f"training diverged in epoch {epoch} (the loss is {loss.item()}); "
+                    "lower --lr, or use the cosine distance"
+                )
             loss.backward()
+            if map_settings.distance == "standardized":
+                # a squared error is unbounded, unlike the cosine distance: at the paper's
+                # learning rate one batch of hard positions can throw the student off
+                torch.nn.utils.clip_grad_norm_(network.student.parameters(), MAX_GRADIENT_NORM)
             optimizer.step()
             losses.append(loss.item() * len(batch_indices))
             progress.update(len(batch_indices))

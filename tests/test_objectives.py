@@ -111,3 +111,11 @@ def test_the_standardized_distance_sees_a_change_of_magnitude_that_cosine_ignore
     scale = FeatureScale([8])
     scale.set([torch.full((8,), 0.5)], [torch.full((8,), 2.0)])
     assert torch.allclose(scale(teacher)[0], (teacher[0] - 0.5) / 2.0)
+
+
+def test_a_diverging_training_stops_with_advice(category, monkeypatch):
+    from stpm import train
+
+    monkeypatch.setattr(train, "feature_loss", lambda *args: torch.tensor(float("nan")))
+    with pytest.raises(StpmError, match="diverged"):
+        STPM(**{**TINY, "epochs": 1}).fit(category)
