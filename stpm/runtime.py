@@ -241,7 +241,12 @@ def load_torch(
     teacher, fingerprint = networks.build_teacher(
         description.backbone, tuple(description.out_indices), weights_file
     )
-    student = networks.build_student(description.student_kind, teacher, description.distance)
+    try:
+        student = networks.build_student(description.student_kind, teacher, description.distance)
+    except StpmError as error:
+        raise StpmError(
+            f"{path}: student weights do not fit {description.backbone} ({error})"
+        ) from None
     known = student.state_dict().keys()  # files of stpm < 0.1 also hold the unused blocks
     try:
         student.load_state_dict({k: v for k, v in student_state.items() if k in known})
