@@ -65,26 +65,30 @@ class STPM(BaseEstimator):
 
     backbone: any timm CNN; the default has offline ImageNet weights (see stpm.weights).
     strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3).
-    image_size: input (height, width) or one side; resize_mode: how an image of another shape
-    becomes that size, 'squash' (stretched) or 'letterbox' (aspect kept, padded); combine: 'product' (the paper) or 'sum';
-    smoothing_sigma: Gaussian sigma in pixels of the input size, 0 for none; distance: how
-    a level's features are compared, 'cosine' (the paper) or 'standardized' (squared error of
-    per-channel standardized features, keeping their magnitude; stpm.model); image_model:
-    None, or 'gaussian' to add an image-level term to each score (a Gaussian of the teacher's
-    pooled features, stpm.gaussian; the map itself is the student's); student: the
-    student's architecture: 'same' as the teacher, 'slim' (Lite0 at half width) or a timm CNN
-    name (see stpm.networks). max_false_alarms: the share of defect-free
+    image_size: input (height, width) or one side. resize_mode: how an image of another shape
+    becomes that size, 'squash' (stretched) or 'letterbox' (aspect kept, padded).
+    combine: 'product' (the paper) or 'sum'. smoothing_sigma: Gaussian sigma in pixels of the
+    input size, 0 for none. distance: how a level's features are compared, 'cosine' (the
+    paper) or 'standardized' (squared error of per-channel standardized features, keeping their
+    magnitude; stpm.model). image_model: None, or 'gaussian' to add an image-level term to each
+    score (a Gaussian of the teacher's pooled features, stpm.gaussian; the map stays the
+    student's). student: 'same' as the teacher, 'slim' (an EfficientNet-Lite teacher at half
+    its width) or a timm CNN name (stpm.networks). max_false_alarms: the share of defect-free
     images the threshold may reject (0.01: the 99th percentile of the validation scores); None
-    for mean + 3 std of those scores. Training objectives (stpm.train): denoise, the share of
-    training images the student sees corrupted (stpm.corruptions) while matching the teacher's
-    features of the clean image; hard_quantile, average only the distances at or above that
-    quantile (EfficientAD); selection, keep the epoch of lowest validation 'loss' or the one
-    that best separates validation images from corrupted copies ('separation'). threads: CPU threads for prediction (and
-    torch's training), None for stpm.runtime.default_threads(). The map's defaults (strides
-    8, 16, 32, product, sigma 4) come from scripts/results/ablation.md; the student's (slim,
-    hard_quantile 0.99) and the image model's from scripts/results/students.md: on Magnetic Tile
-    the student alone scores image AUROC 0.92 (the paper's settings: 0.76), 0.95 with the image
-    term, for 1.35 GFLOP per 256 px image. Why each: README.md, "Defaults and why".
+    for mean + 3 std of those scores.
+
+    Training objectives (stpm.train): denoise, the share of training images the student sees
+    corrupted (stpm.corruptions) while matching the teacher's features of the clean image;
+    hard_quantile, average only the distances at or above that quantile (EfficientAD), None for
+    the paper's mean; selection, keep the epoch of lowest validation 'loss' or the one that best
+    separates validation images from corrupted copies ('separation'). threads: CPU threads for
+    prediction (and torch's training), None for stpm.runtime.default_threads().
+
+    The map's defaults (strides 8, 16, 32, product, sigma 4) come from
+    scripts/results/ablation.md; the student's (slim, hard_quantile 0.99) and the image model's
+    from scripts/results/students.md: on Magnetic Tile the student alone scores image AUROC 0.92
+    (the paper's settings: 0.76), 0.95 with the image term, for 1.35 GFLOP per 256 px image.
+    Why each: README.md, "Defaults and why".
     """
 
     def __init__(
@@ -249,7 +253,7 @@ class STPM(BaseEstimator):
             raise StpmError(f"image model must be None or 'gaussian', not {self.image_model!r}")
         if self.resize_mode not in data.RESIZE_MODES:
             raise StpmError(
-                f"resize mode must be one of {', '.join(data.RESIZE_MODES)}, not {self.resize_mode!r}"
+                f"resize mode must be 'squash' or 'letterbox', not {self.resize_mode!r}"
             )
         if not 0.0 <= self.denoise <= 1.0:
             raise StpmError(f"denoise is a share of training images in [0, 1], not {self.denoise}")
