@@ -17,6 +17,8 @@ from pathlib import Path
 from . import data, runtime, scoring
 from .detector import STPM
 from .errors import StpmError
+from .model import DISTANCES
+from .train import SELECTIONS
 
 
 def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
@@ -88,7 +90,7 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--resize",
-        choices=["squash", "letterbox"],
+        choices=data.RESIZE_MODES,
         default=defaults["resize_mode"],
         help="images of another shape: stretched to the size, or aspect kept and padded",
     )
@@ -103,7 +105,7 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--distance",
-        choices=["cosine", "standardized"],
+        choices=DISTANCES,
         default=defaults["distance"],
         help="compare features by cosine (the paper) or by squared error of per-channel "
         "standardized features (keeps magnitude: large-area brightness changes)",
@@ -142,7 +144,7 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--selection",
-        choices=["loss", "separation"],
+        choices=SELECTIONS,
         default=defaults["selection"],
         help="keep the epoch of lowest validation loss, or the one that best separates "
         "validation images from synthetic defects made of them",
