@@ -299,7 +299,7 @@ def score_student(detector, category: Path) -> dict:
         )
         test_pooled = torch.from_numpy(pooled_teacher_features(detector, paths)).float()
         distance = gaussian.distances(test_pooled).double().numpy()  # the add-on alone
-        term = float(gaussian.scale) * (distance - float(gaussian.offset))  # as stpm adds it
+        term = gaussian.term(test_pooled).double().numpy()  # as stpm adds it
     return {
         "halves": benchkit.image_figures(labels, scores, halves),
         "pixel_auroc": metrics["pixel_auroc"],

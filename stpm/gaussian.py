@@ -45,8 +45,12 @@ class PooledGaussian(nn.Module):
         centred = pooled_features - self.mean
         return ((centred @ self.precision) * centred).sum(dim=1).clamp_min(0).sqrt()
 
+    def term(self, pooled_features: torch.Tensor) -> torch.Tensor:
+        """The standardised distance in the student's score units: (B,)."""
+        return self.scale * (self.distances(pooled_features) - self.offset)
+
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.scale * (self.distances(pooled(features)) - self.offset)
+        return self.term(pooled(features))
 
 
 def fit_pooled_gaussian(
@@ -60,9 +64,8 @@ def fit_pooled_gaussian(
     model = PooledGaussian(train.shape[1])
     model.mean.copy_(torch.from_numpy(estimate.location_))
     model.precision.copy_(torch.from_numpy(estimate.precision_))
-    with torch.no_grad():
-        centred = torch.from_numpy(np.asarray(validation, np.float64) - estimate.location_)
-        distances = ((centred @ torch.from_numpy(estimate.precision_)) * centred).sum(1).sqrt()
+    with torch.no_grad():  # in the precision prediction computes them in
+        distances = model.distances(torch.from_numpy(np.asarray(validation, np.float32)))
     spread = float(distances.std()) if len(distances) > 1 else 1.0
     student_spread = float(np.std(student_scores, ddof=1)) if len(student_scores) > 1 else 1.0
     model.offset.fill_(float(distances.mean()) if len(distances) else 0.0)

@@ -226,14 +226,16 @@ def train_student(
     progress.close()
     network.student.load_state_dict(best_state)
 
-    def validation_scores(image_term=None) -> list[float]:
-        model = AnomalyMapModel(network, map_settings, image_term).eval()
+    if validation_paths:  # the student's own scores: the map's maximum
+        model = AnomalyMapModel(network, map_settings).eval()
         if resize_mode == "letterbox":  # scored as prediction scores them: the part only
-            return _letterboxed_scores(model, validation_images, validation_paths, mean, std)
-        return _validation_scores(model, validation_images, mean, std, settings)
-
-    if validation_paths:
-        result.validation_scores = validation_scores()
+            result.validation_scores = _letterboxed_scores(
+                model, validation_images, validation_paths, mean, std
+            )
+        else:
+            result.validation_scores = _validation_scores(
+                model, validation_images, mean, std, settings
+            )
     if image_model == "gaussian":
         train_pooled = (
             pooled(teacher_cache)
@@ -244,10 +246,14 @@ def train_student(
         result.image_model = fit_pooled_gaussian(
             train_pooled.double().numpy(),
             validation_pooled.double().numpy(),
-            result.validation_scores,
-        ).to(device)
-        if validation_paths:
-            result.validation_scores = validation_scores(result.image_model)
+            result.validation_scores,  # scaled to their spread
+        )
+        with torch.no_grad():  # scores with the term: no second pass over the images
+            terms = result.image_model.term(validation_pooled).tolist()
+        result.validation_scores = [
+            score + term for score, term in zip(result.validation_scores, terms, strict=True)
+        ]
+        result.image_model.to(device)
     result.seconds = time.perf_counter() - started
     network.to(memory_format=torch.contiguous_format)  # single images run faster that way
     return result
@@ -341,9 +347,9 @@ def _letterboxed_scores(model: AnomalyMapModel, images, paths, mean, std) -> lis
     device = next(model.parameters()).device
     scores = []
     for image, path in zip(images, paths, strict=True):
-        maps, _, terms = model(_batch(image[None], mean, std, device))
+        maps, _, _ = model(_batch(image[None], mean, std, device))
         part = data.unletterbox_map(maps[0, 0].cpu().numpy(), data.image_shape(path))
-        scores.append(float(part.max()) + float(terms[0]))
+        scores.append(float(part.max()))
     return scores
 
 
