@@ -13,6 +13,7 @@ from stpm.model import (
     gaussian_blur,
     image_scores,
     layer_distances,
+    upsample_bilinear,
 )
 from stpm.networks import pyramid_indices
 
@@ -94,3 +95,12 @@ def test_blur_equals_a_reflected_separable_convolution():
     assert torch.allclose(gaussian_blur(maps, sigma), expected, atol=1e-12)
     with pytest.raises(StpmError, match="too large"):
         gaussian_blur(maps, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [((32, 32), (256, 256)), ((4, 7), (64, 50)), ((9, 5), (9, 5))]
+)
+def test_upsampling_by_matrices_is_bilinear_interpolation(source, target):
+    maps = torch.rand(2, 1, *source, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(maps, target, mode="bilinear", align_corners=False)
+    assert torch.allclose(upsample_bilinear(maps, target), expected, atol=1e-12)
