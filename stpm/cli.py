@@ -104,6 +104,11 @@ def _train_parser() -> argparse.ArgumentParser:
         "pooled features (sees large-area changes the map normalises away)",
     )
     model.add_argument(
+        "--share-stem",
+        action="store_true",
+        help="the student reuses the teacher's frozen stem (EfficientNet-Lite students)",
+    )
+    model.add_argument(
         "--distance",
         choices=DISTANCES,
         default=defaults["distance"],
@@ -204,6 +209,7 @@ def train_main(argv: list[str] | None = None) -> int:
         distance=args.distance,
         image_model=None if args.image_model == "none" else args.image_model,
         student=args.student,
+        share_stem=args.share_stem,
         epochs=args.epochs or STPM().epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -433,6 +439,13 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images", type=int, default=64, help="train/good images to calibrate and compare on"
     )
+    parser.add_argument(
+        "--reduce-range",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="INT8: 7-bit weights, for CPUs without VNNI (whose 8-bit arithmetic saturates); "
+        "auto: what this CPU needs. Export on the kind of CPU that will run the file",
+    )
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
     parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
@@ -454,8 +467,15 @@ def export_main(argv: list[str] | None = None) -> int:
     if args.int8:
         fp32 = out.with_name(out.stem + "-fp32.onnx")
         export.export_onnx(network, detector.describe(), fp32)
-        export.quantize_int8(fp32, out, images, detector.mean_, detector.std_)
+        reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
+        export.quantize_int8(fp32, out, images, detector.mean_, detector.std_, reduce_range)
         fp32.unlink()
+        refit = export.refit_on_int8(out, folder)
+        print(
+            f"INT8 (reduce_range {runtime.OnnxRuntime(out).description.int8['reduce_range']}): "
+            f"image term and threshold fitted on its own features; threshold "
+            f"{refit['threshold_before']:.4g} -> {refit['threshold']:.4g}"
+        )
     else:
         export.export_onnx(network, detector.describe(), out)
     exported = runtime.OnnxRuntime(out)
@@ -468,6 +488,68 @@ def export_main(argv: list[str] | None = None) -> int:
         f"map correlation {check['map_correlation']:.4f}"
     )
     return 0
+
+
+# ---------------------------------------------------------------------- stpm-compress
+
+
+@_friendly
+def compress_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stpm-compress",
+        description="Make a trained model's student smaller (structured pruning, a stem shared "
+        "with the teacher) and fine-tune it by distillation; writes a new run folder. Export it "
+        "with stpm-export --int8 for the compact INT8 model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("run", type=Path, metavar="RUN_DIR", help="a run folder (or its model.pt)")
+    _add_data_arguments(parser)
+    parser.add_argument(
+        "--prune", type=float, help="share of each block's expansion channels to remove, e.g. 0.5"
+    )
+    parser.add_argument(
+        "--share-stem", action="store_true", help="the student reuses the teacher's frozen stem"
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's)")
+    parser.add_argument(
+        "--seed", type=int, help="fine-tuning seed; it also picks the validation images (default: the run's)"
+    )
+    parser.add_argument("--out", type=Path, help="new run folder (default: beside RUN_DIR)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    from .compress import compress
+
+    model_path = args.run / "model.pt" if args.run.is_dir() else args.run
+    if not model_path.is_file():
+        raise StpmError(f"no model file at {model_path} (give a run folder or its model.pt)")
+    if args.epochs < 1:
+        raise StpmError("--epochs must be at least 1")
+    folder = _export_data(args, model_path)
+    suffix = (f"-prune{round(100 * args.prune)}" if args.prune else "") + (
+        "-shared-stem" if args.share_stem else ""
+    )
+    run_dir = args.out or model_path.parent.with_name(model_path.parent.name + suffix)
+    detector = compress(
+        model_path,
+        folder,
+        args.prune,
+        args.share_stem,
+        args.epochs,
+        args.lr,
+        run_dir,
+        args.device,
+        args.seed,
+    )
+    if detector.pruning_ and args.prune:
+        before, after = (
+            detector.pruning_["parameters_before"],
+            detector.pruning_["parameters_after"],
+        )
+        print(f"student: {before:,} -> {after:,} parameters ({after / before:.0%})")
+    if detector.shared_layers_:
+        print(f"shared with the teacher: {', '.join(detector.shared_layers_)}")
+    return _report_training(detector, run_dir)
 
 
 def _export_data(args: argparse.Namespace, model_path: Path) -> Path:

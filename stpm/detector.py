@@ -73,9 +73,10 @@ class STPM(BaseEstimator):
     magnitude; stpm.model). image_model: None, or 'gaussian' to add an image-level term to each
     score (a Gaussian of the teacher's pooled features, stpm.gaussian; the map stays the
     student's). student: 'same' as the teacher, 'slim' (an EfficientNet-Lite teacher at half
-    its width) or a timm CNN name (stpm.networks). max_false_alarms: the share of defect-free
-    images the threshold may reject (0.01: the 99th percentile of the validation scores); None
-    for mean + 3 std of those scores.
+    its width) or a timm CNN name (stpm.networks). share_stem: the student reuses the teacher's
+    frozen stem where their stems are alike (stpm.networks.share_stem): run once, not twice.
+    max_false_alarms: the share of defect-free images the threshold may reject (0.01: the 99th
+    percentile of the validation scores); None for mean + 3 std of those scores.
 
     Training objectives (stpm.train): denoise, the share of training images the student sees
     corrupted (stpm.corruptions) while matching the teacher's features of the clean image;
@@ -102,6 +103,7 @@ class STPM(BaseEstimator):
         distance: str = "cosine",
         image_model: str | None = "gaussian",
         student: str = "slim",
+        share_stem: bool = False,
         max_false_alarms: float | None = None,
         epochs: int = 20,
         batch_size: int = 32,
@@ -126,6 +128,7 @@ class STPM(BaseEstimator):
         self.distance = distance
         self.image_model = image_model
         self.student = student
+        self.share_stem = share_stem
         self.max_false_alarms = max_false_alarms
         self.epochs = epochs
         self.batch_size = batch_size
@@ -144,12 +147,18 @@ class STPM(BaseEstimator):
     # ------------------------------------------------------------------ training
 
     def fit(
-        self, folder: str | Path, run_dir: str | Path | None = None, resume: dict | None = None
+        self,
+        folder: str | Path,
+        run_dir: str | Path | None = None,
+        resume: dict | None = None,
+        init: dict[str, torch.Tensor] | None = None,
     ) -> STPM:
         """Train on folder/train/good (an MVTec-style category).
 
         With run_dir, a checkpoint is written there after every epoch (atomically), and the
         model file, config.json and loss curve at the end. resume: a checkpoint to continue.
+        init: the student's starting weights instead of random ones, e.g. a trained student
+        pruned to other shapes (stpm.compress): a fine-tune.
         """
         folder = Path(folder)
         settings, map_settings = self._check_settings()
@@ -162,6 +171,19 @@ class STPM(BaseEstimator):
         if self.threads:
             torch.set_num_threads(self.threads)
         network = self._build_network(map_settings.size)
+        for start in (init, resume and resume["student"]):
+            if start:  # a pruned student's shapes first, its weights (init) now or in training
+                networks.resize_like(network.student, start)
+        if init is not None:
+            network.student.load_state_dict(init)
+        self.shared_layers_ = []
+        if self.share_stem:
+            self.shared_layers_ = networks.share_stem(network.student, network.teacher)
+            if not self.shared_layers_:
+                raise StpmError(
+                    f"the {self.student} student's stem differs from the {self.backbone} "
+                    "teacher's: nothing to share; train without share_stem (--share-stem)"
+                )
         result = train_student(
             network.to(device),
             paths,
@@ -191,6 +213,7 @@ class STPM(BaseEstimator):
     def _checkpoint_writer(self, run_dir: Path, folder: Path):
         def write(state: dict) -> None:
             state = {**state, "estimator": self.get_params(), "data": str(folder.resolve())}
+            state["pruning"] = getattr(self, "pruning_", None)
             atomic_write(run_dir / CHECKPOINT, lambda temporary: torch.save(state, temporary))
 
         return write
@@ -211,7 +234,9 @@ class STPM(BaseEstimator):
             if epochs < state["epoch"]:
                 raise StpmError(f"{run_dir} has already trained {state['epoch']} epochs")
             params["epochs"] = epochs
-        return cls(**params).fit(state["data"], run_dir=run_dir, resume=state)
+        model = cls(**params)
+        model.pruning_ = state.get("pruning")
+        return model.fit(state["data"], run_dir=run_dir, resume=state)
 
     def set_map(
         self, combine: str, smoothing_sigma: float, validation_images: Sequence[str | Path]
@@ -485,6 +510,8 @@ class STPM(BaseEstimator):
             best_epoch=getattr(self, "best_epoch_", None),
             student_kind=self.student,
             max_false_alarms=self.max_false_alarms,
+            pruning=getattr(self, "pruning_", None),
+            shared_layers=list(getattr(self, "shared_layers_", [])),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -526,6 +553,7 @@ class STPM(BaseEstimator):
             distance=description.distance,
             image_model=description.image_model,
             student=description.student_kind,
+            share_stem=bool(description.shared_layers),
             max_false_alarms=description.max_false_alarms,
             device=device,
             threads=threads,
@@ -538,6 +566,7 @@ class STPM(BaseEstimator):
         model.teacher_ = dict(description.teacher)
         model.history_ = description.history
         model.best_epoch_ = description.best_epoch
+        model.pruning_, model.shared_layers_ = description.pruning, description.shared_layers
         model._set_validation(description.validation["scores"])
         model.threshold_ = description.threshold
         return model

@@ -12,6 +12,10 @@ Format versions (a reader accepts every version up to its own and fills in what 
      ("squash" or "letterbox": how an image of another shape meets image_size), distance
      ("cosine" or "standardized"; a standardized student carries its FeatureScale) and
      image_model ("gaussian": the file's "image_model_weights" entry holds its tensors)
+  3  stpm 0.3: pruning (None, or what stpm-compress did: the student's tensors carry the
+     pruned shapes), shared_layers (the student's modules that are the teacher's own, e.g. its
+     stem; the file keeps a copy, loading uses the teacher's) and, in ONNX metadata only, int8
+     (how the file was quantised: reduce_range, calibration, ...)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .model import MapSettings
 from .version import __version__
 
 FORMAT = "stpm-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ONNX_METADATA_KEY = "stpm"
 IMAGE_MODEL_KEY = "image_model_weights"  # beside "student": the image-level model's tensors
 # training settings a file without them was trained with (the paper's objective)
@@ -67,6 +71,9 @@ class ModelDescription:
     resize_mode: str = "squash"  # how images become image_size: "squash" or "letterbox"
     distance: str = "cosine"  # how a level's features are compared (stpm.model.layer_distances)
     image_model: str | None = None  # "gaussian": an image-level term in the score (stpm.gaussian)
+    pruning: dict | None = None  # stpm.compress: ratio, parameters before and after, epochs
+    shared_layers: list[str] = field(default_factory=list)  # the student's modules = teacher's
+    int8: dict | None = None  # ONNX files only: stpm.export.quantize_int8's settings
 
     def map_settings(self) -> MapSettings:
         size = tuple(self.image_size)

@@ -214,3 +214,58 @@ def fixed_same_padding(network: nn.Module, size: tuple[int, int]) -> nn.Module:
             padding = (width // 2, width - width // 2, height // 2, height - height // 2)
             setattr(parent, name, nn.Sequential(nn.ZeroPad2d(padding), plain))
     return network
+
+
+def resize_like(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Reshape module's convolutions and BatchNorms to the tensors of state, in place: how a
+    pruned student (stpm.compress) is rebuilt from its unpruned architecture and its file.
+
+    Only shapes change (the values come from load_state_dict after); a depthwise convolution
+    stays depthwise.
+    """
+    for name, child in module.named_modules():
+        prefix = f"{name}." if name else ""
+        was_depthwise = isinstance(child, nn.Conv2d) and 1 < child.groups == child.in_channels
+        for store in (child._parameters, child._buffers):
+            for key, value in store.items():
+                wanted = state.get(prefix + key)
+                if value is None or wanted is None or wanted.shape == value.shape:
+                    continue
+                empty = torch.empty(wanted.shape, dtype=value.dtype, device=value.device)
+                is_parameter = isinstance(value, nn.Parameter)
+                store[key] = nn.Parameter(empty, value.requires_grad) if is_parameter else empty
+        if isinstance(child, nn.Conv2d):
+            child.out_channels = child.weight.shape[0]
+            child.groups = child.out_channels if was_depthwise else child.groups
+            child.in_channels = child.weight.shape[1] * child.groups
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            child.num_features = child.weight.shape[0]
+    return module
+
+
+STEM = ("conv_stem", "bn1")  # timm's EfficientNet/MobileNet stem: a convolution and its BatchNorm
+
+
+def share_stem(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Make the student's stem the teacher's own frozen modules, in place, where the two have
+    the same architecture (EfficientNet-Lite students: timm fixes the stem's width); returns the
+    student's names of the shared modules ([] where nothing can be shared).
+
+    The exported graph then holds one convolution on the same input with the same weights twice,
+    which ONNX Runtime's and OpenVINO's common-subexpression passes run once.
+    """
+    features = getattr(student, "features", student)
+    shared = []
+    for name in STEM:
+        mine, theirs = getattr(features, name, None), getattr(teacher, name, None)
+        if mine is None or theirs is None:
+            return []
+        shapes = [tuple(tensor.shape) for tensor in mine.state_dict().values()]
+        if type(mine) is not type(theirs) or shapes != [
+            tuple(tensor.shape) for tensor in theirs.state_dict().values()
+        ]:
+            return []
+    for name in STEM:
+        setattr(features, name, getattr(teacher, name))
+        shared.append(f"features.{name}" if features is not student else name)
+    return shared

@@ -17,6 +17,7 @@ it, so a new runtime is a new class here and a name in `open_runtime`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -134,6 +135,7 @@ class OnnxRuntime:
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.description = description_from_onnx_metadata(metadata, path)
         self.path = Path(path)
+        warn_if_int8_saturates(self.path, self.description)
         # exports before the image term have no such output: their term is 0
         self.outputs = [o.name for o in self.session.get_outputs() if o.name in OUTPUTS]
 
@@ -174,6 +176,7 @@ class OpenVinoRuntime:
         if not self.path.is_file():
             raise StpmError(f"model file not found: {path}")
         self.description = _onnx_description(self.path)
+        warn_if_int8_saturates(self.path, self.description)
         self.core, self.device = ov.Core(), device
         self.config = {
             "INFERENCE_PRECISION_HINT": precision,
@@ -214,6 +217,29 @@ class OpenVinoRuntime:
         return maps, np.zeros(len(maps), np.float32)
 
 
+_warned_saturation: set[Path] = set()
+
+
+def warn_if_int8_saturates(path: Path, description: ModelDescription) -> None:
+    """Warn once per file: an INT8 file quantised with full 8-bit weights (for a CPU with VNNI)
+    runs here on a CPU without VNNI, whose 8-bit multiply-adds saturate (the maps drift)."""
+    from . import export
+
+    settings = description.int8
+    if not settings or settings.get("reduce_range", True) or path.resolve() in _warned_saturation:
+        return
+    if export.has_vnni():
+        return
+    _warned_saturation.add(path.resolve())
+    warnings.warn(
+        f"{path} was quantised to INT8 for CPUs with VNNI (without reduce_range); this CPU has "
+        "no VNNI, so its 8-bit arithmetic can saturate and the maps drift. Export again on "
+        "this machine (stpm-export --int8 chooses for the CPU it runs on) or pass "
+        "--reduce-range on",
+        stacklevel=3,
+    )
+
+
 def _onnx_description(path: Path) -> ModelDescription:
     import onnx
 
@@ -248,10 +274,17 @@ def load_torch(
             f"{path}: student weights do not fit {description.backbone} ({error})"
         ) from None
     known = student.state_dict().keys()  # files of stpm < 0.1 also hold the unused blocks
+    student_state = {k: v for k, v in student_state.items() if k in known}
     try:
-        student.load_state_dict({k: v for k, v in student_state.items() if k in known})
+        if description.pruning:  # the pruned shapes are the tensors' (stpm.compress)
+            networks.resize_like(student, student_state)
+        student.load_state_dict(student_state)
     except RuntimeError:
         raise StpmError(f"{path}: student weights do not fit {description.backbone}") from None
+    # shared layers: the teacher's own modules, not the file's copy of them
+    shared = networks.share_stem(student, teacher) if description.shared_layers else []
+    if shared != description.shared_layers:
+        raise StpmError(f"{path}: its shared layers do not fit {description.backbone}")
     if fingerprint != description.teacher["sha256"] and not force:
         here = weights.describe_source(description.backbone, weights_file, teacher_weights)
         raise StpmError(

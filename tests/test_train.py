@@ -66,7 +66,7 @@ def test_model_file_holds_what_it_claims(trained):
     validation = state["validation"]
     assert len(validation["scores"]) == 3
     assert state["threshold"] == pytest.approx(validation["mean"] + 3 * validation["std"])
-    assert state["stpm_version"] == stpm.__version__ and state["format_version"] == 2
+    assert state["stpm_version"] == stpm.__version__ and state["format_version"] == 3
     assert state["student_kind"] == STPM().student  # the default kind, recorded
     assert set(state["student"]) == set(model.runtime_.model.network.student.state_dict())
 
