@@ -63,7 +63,7 @@ def export(name: str, model: Path, data: Path, work: Path) -> Variant:
     variant = Variant(name, model, folder / "model.onnx", folder / "model-int8.onnx")
     if variant.fp32.exists() and variant.int8.exists():
         return variant
-    from stpm import STPM
+    from stpm import STPM, compress
     from stpm import export as exporting
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def export(name: str, model: Path, data: Path, work: Path) -> Variant:
         data, detector.input_size_, CALIBRATION_IMAGES, detector.resize_mode
     )
     exporting.quantize_int8(variant.fp32, variant.int8, images, detector.mean_, detector.std_)
-    exporting.refit_on_int8(variant.int8, data)
+    compress.refit_on_int8(variant.int8, data)
     return variant
 
 

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=benchkit.SCRIPTS / "results")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
-    from stpm import STPM, export
+    from stpm import STPM, compress, export, runtime
 
     args.work.mkdir(parents=True, exist_ok=True)
     fp32 = args.work / "model.onnx"
@@ -112,7 +112,7 @@ def main() -> None:
             settings = {key: value for key, value in options.items() if key != "refit"}
             export.quantize_int8(fp32, path, calibration, detector.mean_, detector.std_, **settings)
             if options.get("refit"):
-                export.refit_on_int8(path, args.data)
+                compress.refit_on_int8(path, args.data)
         results[name] = {
             "options": options,
             "megabytes": path.stat().st_size / 1e6,
@@ -123,7 +123,7 @@ def main() -> None:
         "model": str(args.model),
         "data": str(args.data),
         "cpu": benchkit.cpu_info(),
-        "has_vnni": export.has_vnni(),
+        "has_vnni": runtime.has_vnni(),
         "command": shlex.join(["python", *sys.argv]),
     }
     args.results.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from . import data, runtime, scoring
+from . import compress, data, runtime, scoring
 from .detector import STPM
 from .errors import StpmError
 from .model import DISTANCES
@@ -470,7 +470,7 @@ def export_main(argv: list[str] | None = None) -> int:
         reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
         export.quantize_int8(fp32, out, images, detector.mean_, detector.std_, reduce_range)
         fp32.unlink()
-        refit = export.refit_on_int8(out, folder)
+        refit = compress.refit_on_int8(out, folder)
         print(
             f"INT8 (reduce_range {runtime.OnnxRuntime(out).description.int8['reduce_range']}): "
             f"image term and threshold fitted on its own features; threshold "
@@ -513,12 +513,13 @@ def compress_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's)")
     parser.add_argument(
-        "--seed", type=int, help="fine-tuning seed; it also picks the validation images (default: the run's)"
+        "--seed",
+        type=int,
+        help="fine-tuning seed; it also picks the validation images (default: the run's)",
     )
     parser.add_argument("--out", type=Path, help="new run folder (default: beside RUN_DIR)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
-    from .compress import compress
 
     model_path = args.run / "model.pt" if args.run.is_dir() else args.run
     if not model_path.is_file():
@@ -530,7 +531,7 @@ def compress_main(argv: list[str] | None = None) -> int:
         "-shared-stem" if args.share_stem else ""
     )
     run_dir = args.out or model_path.parent.with_name(model_path.parent.name + suffix)
-    detector = compress(
+    detector = compress.compress(
         model_path,
         folder,
         args.prune,

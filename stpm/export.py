@@ -12,7 +12,7 @@ defect-free training images. Only convolutions and the ReLU6 clips after them ar
 square, upsample, multiply) and the image term stay FP32: the map is a small difference of two
 large feature vectors, and 8 bits of it would be noise. Activation ranges are the 99.999th
 percentile of the calibration images, not their extremes. The image term and threshold are then
-fitted again on the quantised file's own features (refit_on_int8).
+fitted again on the quantised file's own features (stpm.compress.refit_on_int8).
 
 Chosen by measurement (scripts/results/int8_variants.md; the default model, all 583 Magnetic
 Tile test images, a CPU with VNNI): percentile ranges beat min-max, entropy and symmetric
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data
+from . import data, runtime
 from .errors import StpmError
 from .files import atomic_write
 from .model import AnomalyMapModel
@@ -140,7 +140,7 @@ def quantize_int8(
     if calibration not in CALIBRATIONS:
         raise StpmError(f"unknown calibration {calibration!r}; use {', '.join(CALIBRATIONS)}")
     if reduce_range is None:
-        reduce_range = not has_vnni()
+        reduce_range = not runtime.has_vnni()
     methods = {
         "percentile": CalibrationMethod.Percentile,
         "minmax": CalibrationMethod.MinMax,
@@ -185,98 +185,8 @@ def quantize_int8(
     return atomic_write(target, lambda temporary: onnx.save(model, str(temporary)))
 
 
-def refit_on_int8(path: str | Path, category: Path) -> dict:
-    """Fit a quantised file's image term and threshold anew on its own outputs, in place.
-
-    The image term is a Mahalanobis distance of the teacher's pooled features; INT8 shifts those
-    features by a bias it repeats on every image, which the distance reads as an anomaly (term
-    correlation with FP32 0.96 on Magnetic Tile, image AUROC -2.5 points, while the map lost
-    nothing: scripts/results/int8_variants.md). So the Gaussian is fitted again, as training
-    fits it (the same training and validation images), on the features the quantised teacher
-    computes, and the threshold on the file's own validation scores. Returns the old and new
-    threshold.
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    from .detector import STPM
-    from .gaussian import fit_pooled_gaussian
-    from .train import split_validation
-
-    path = Path(path)
-    detector = STPM.load(path, runtime="onnxruntime")
-    description = detector.runtime_.description
-    model = onnx.load(str(path))
-    users = [node for node in model.graph.node if "image_model.mean" in node.input]
-    pooled = users[0].input[0] if users else None  # the pooled features: the Gaussian's input
-    if pooled is not None:
-        model.graph.output.append(onnx.ValueInfoProto(name=pooled))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    train, validation = split_validation(
-        data.train_images(category),
-        description.settings["validation_fraction"],
-        description.settings["seed"],
-    )
-
-    def run(paths: list[Path], what: str) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled features (N, D) and map maxima over the part (N,) of paths."""
-        images = data.load_resized(paths, detector.input_size_, what, detector.resize_mode)
-        features, maxima = [], []
-        for start in range(0, len(paths), 16):
-            batch = data.normalize(
-                images[start : start + 16].numpy(), detector.mean_, detector.std_
-            )
-            found = session.run(["anomaly_map", *([pooled] if pooled else [])], {"images": batch})
-            for index, anomaly_map in enumerate(found[0][:, 0]):
-                if detector.resize_mode == "letterbox":
-                    shape = data.image_shape(paths[start + index])
-                    anomaly_map = data.unletterbox_map(anomaly_map, shape)
-                maxima.append(float(anomaly_map.max()))
-            features.append(found[1] if pooled else np.zeros((len(batch), 0), np.float32))
-        return np.concatenate(features).astype(np.float64), np.asarray(maxima)
-
-    validation_pooled, scores = run(validation, "refitting on validation")
-    if pooled is not None:
-        train_pooled, _ = run(train, "refitting on train/good")
-        gaussian = fit_pooled_gaussian(train_pooled, validation_pooled, scores)
-        with torch.no_grad():
-            terms = gaussian.term(torch.from_numpy(validation_pooled).float()).double().numpy()
-        scores = scores + terms
-        replaced = {f"image_model.{name}": value for name, value in gaussian.state_dict().items()}
-        for index, tensor in enumerate(model.graph.initializer):
-            if tensor.name in replaced:
-                value = replaced[tensor.name].float().numpy()
-                model.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
-        del model.graph.output[-1]
-    before = detector.threshold_
-    detector._set_validation(scores.tolist())
-    refitted = detector.describe()
-    refitted.int8 = {**(description.int8 or {}), "refitted": True}
-    for entry in model.metadata_props:
-        if entry.key == ONNX_METADATA_KEY:
-            entry.value = json.dumps(refitted.to_dict())
-    atomic_write(path, lambda temporary: onnx.save(model, str(temporary)))
-    return {"threshold_before": before, "threshold": detector.threshold_}
-
-
 def _metadata(model) -> list[tuple[str, str]]:
     return [(entry.key, entry.value) for entry in model.metadata_props]
-
-
-def has_vnni() -> bool:
-    """Whether this CPU multiplies 8-bit integers without saturating: AVX-512 VNNI or AVX-VNNI
-    (x86), or any non-x86 CPU (ARM's dot-product instructions do not saturate)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: cannot tell; assume a recent CPU
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
 
 
 def compare(reference, exported, images: np.ndarray, mean, std, batch_size: int = 8) -> dict:
@@ -287,8 +197,8 @@ def compare(reference, exported, images: np.ndarray, mean, std, batch_size: int 
     ours, theirs, our_terms, their_terms = [], [], [], []
     for start in range(0, len(images), batch_size):
         batch = data.normalize(images[start : start + batch_size], mean, std)
-        for maps, terms, runtime in ((ours, our_terms, reference), (theirs, their_terms, exported)):
-            batch_maps, batch_terms = runtime(batch)
+        for maps, terms, run in ((ours, our_terms, reference), (theirs, their_terms, exported)):
+            batch_maps, batch_terms = run(batch)
             maps.append(batch_maps)
             terms.append(batch_terms)
     ours, theirs = np.concatenate(ours), np.concatenate(theirs)

@@ -217,18 +217,31 @@ class OpenVinoRuntime:
         return maps, np.zeros(len(maps), np.float32)
 
 
+def has_vnni() -> bool:
+    """Whether this CPU multiplies 8-bit integers without saturating: AVX-512 VNNI or AVX-VNNI
+    (x86), or any non-x86 CPU (ARM's dot-product instructions do not saturate)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: cannot tell; assume a recent CPU
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
+
+
 _warned_saturation: set[Path] = set()
 
 
 def warn_if_int8_saturates(path: Path, description: ModelDescription) -> None:
     """Warn once per file: an INT8 file quantised with full 8-bit weights (for a CPU with VNNI)
     runs here on a CPU without VNNI, whose 8-bit multiply-adds saturate (the maps drift)."""
-    from . import export
-
     settings = description.int8
     if not settings or settings.get("reduce_range", True) or path.resolve() in _warned_saturation:
         return
-    if export.has_vnni():
+    if has_vnni():
         return
     _warned_saturation.add(path.resolve())
     warnings.warn(

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from stpm import STPM, StpmError, export, runtime
+from stpm import STPM, StpmError, compress, export, runtime
 from stpm.cli import compress_main
-from stpm.compress import compress, count_parameters, prune_student
+from stpm.compress import count_parameters, prune_student
 from stpm.networks import build_student, build_teacher
 
 from .conftest import TINY
@@ -28,7 +28,7 @@ def compact(trained, tmp_path_factory):
     """The tiny trained model pruned by half and its stem shared, fine-tuned 2 epochs."""
     _, run_dir = trained
     out = tmp_path_factory.mktemp("compact") / "run"
-    model = compress(
+    model = compress.compress(
         run_dir / "model.pt",
         json.loads((run_dir / "config.json").read_text())["data"],
         prune=0.5,
@@ -95,9 +95,11 @@ def test_reduce_range_is_recorded_and_a_cpu_without_vnni_is_warned(
     full = export.quantize_int8(
         fp32, tmp_path / "full.onnx", images, model.mean_, model.std_, reduce_range=False
     )
-    assert STPM.load(made_here).runtime_.description.int8["reduce_range"] == (not export.has_vnni())
+    assert STPM.load(made_here).runtime_.description.int8["reduce_range"] == (
+        not runtime.has_vnni()
+    )
     assert STPM.load(full).runtime_.description.int8["reduce_range"] is False
-    monkeypatch.setattr(export, "has_vnni", lambda: False)
+    monkeypatch.setattr(runtime, "has_vnni", lambda: False)
     runtime._warned_saturation.clear()
     with pytest.warns(UserWarning, match="reduce_range"):
         STPM.load(full)
@@ -137,7 +139,7 @@ def test_int8_refit_fits_the_term_and_threshold_on_the_files_own_scores(
     fp32 = export.export_onnx(model.runtime_.model, model.describe(), tmp_path / "model.onnx")
     images = export.calibration_images(category, model.input_size_, 8)
     int8 = export.quantize_int8(fp32, tmp_path / "int8.onnx", images, model.mean_, model.std_)
-    refit = export.refit_on_int8(int8, category)
+    refit = compress.refit_on_int8(int8, category)
     loaded = STPM.load(int8)
     assert loaded.runtime_.description.int8["refitted"] is True
     assert loaded.threshold_ == pytest.approx(refit["threshold"])
