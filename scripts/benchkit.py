@@ -12,6 +12,7 @@ scripts/benchmark.py and scripts/benchmark_speed.py set when they launch them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -282,3 +283,16 @@ def image_figures(labels: np.ndarray, scores: np.ndarray, halves: dict) -> dict:
         }
         for name, chosen in halves.items()
     }
+
+
+def write_results(
+    folder: Path, name: str, settings: dict, results, markdown: Callable[..., None]
+) -> None:
+    """folder/name.json ({"settings", "results"}) and folder/name.md, written by
+    markdown(results, settings, path); the markdown is printed too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(
+        json.dumps({"settings": settings, "results": results}, indent=2, default=str) + "\n"
+    )
+    markdown(results, settings, folder / f"{name}.md")
+    print((folder / f"{name}.md").read_text())

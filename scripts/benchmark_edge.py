@@ -200,13 +200,8 @@ def main() -> None:
         "cpu": benchkit.cpu_info(),
         "command": shlex.join(["python", *sys.argv]),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "edge.json").write_text(
-        json.dumps({"settings": settings, "results": results}, indent=2, default=str) + "\n"
-    )
-    write_markdown(results, settings, args.results / "edge.md")
+    benchkit.write_results(args.results, "edge", settings, results, write_markdown)
     plot(results, settings, args.results / "edge.png")
-    print((args.results / "edge.md").read_text())
 
 
 def round_folder(folder: Path, round_number: int) -> Path:

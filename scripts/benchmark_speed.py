@@ -285,12 +285,7 @@ def main() -> None:
         "cpu": benchkit.cpu_info(),
         "command": shlex.join(["python", *sys.argv]),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "speed.json").write_text(
-        json.dumps({"settings": settings, "results": results}, indent=2) + "\n"
-    )
-    write_markdown(results, settings, args.results / "speed.md")
-    print((args.results / "speed.md").read_text())
+    benchkit.write_results(args.results, "speed", settings, results, write_markdown)
 
 
 def write_markdown(results: list[dict], settings: dict, path: Path) -> None:

@@ -126,12 +126,7 @@ def main() -> None:
         "has_vnni": runtime.has_vnni(),
         "command": shlex.join(["python", *sys.argv]),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "int8_variants.json").write_text(
-        json.dumps({"settings": settings, "results": results}, indent=2) + "\n"
-    )
-    write_markdown(results, settings, args.results / "int8_variants.md")
-    print((args.results / "int8_variants.md").read_text())
+    benchkit.write_results(args.results, "int8_variants", settings, results, write_markdown)
 
 
 def write_markdown(results: dict, settings: dict, path: Path) -> None:
