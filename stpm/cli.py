@@ -471,14 +471,15 @@ def export_main(argv: list[str] | None = None) -> int:
         export.quantize_int8(fp32, out, images, detector.mean_, detector.std_, reduce_range)
         fp32.unlink()
         refit = compress.refit_on_int8(out, folder)
-        print(
-            f"INT8 (reduce_range {runtime.OnnxRuntime(out).description.int8['reduce_range']}): "
-            f"image term and threshold fitted on its own features; threshold "
-            f"{refit['threshold_before']:.4g} -> {refit['threshold']:.4g}"
-        )
     else:
         export.export_onnx(network, detector.describe(), out)
     exported = runtime.OnnxRuntime(out)
+    if args.int8:
+        print(
+            f"INT8 (reduce_range {exported.description.int8['reduce_range']}): image term and "
+            f"threshold fitted on its own features; threshold "
+            f"{refit['threshold_before']:.4g} -> {refit['threshold']:.4g}"
+        )
     check = export.compare(detector.runtime_, exported, images, detector.mean_, detector.std_)
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB). ONNX Runtime vs torch on "

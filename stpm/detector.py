@@ -278,7 +278,7 @@ class STPM(BaseEstimator):
             raise StpmError(f"image model must be None or 'gaussian', not {self.image_model!r}")
         if self.resize_mode not in data.RESIZE_MODES:
             raise StpmError(
-                f"resize mode must be 'squash' or 'letterbox', not {self.resize_mode!r}"
+                f"resize mode must be one of {', '.join(data.RESIZE_MODES)}, not {self.resize_mode!r}"
             )
         if not 0.0 <= self.denoise <= 1.0:
             raise StpmError(f"denoise is a share of training images in [0, 1], not {self.denoise}")
