@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from . import distributed
 from .errors import StpmError
 
 # Larger images are refused before decoding: a 20000 x 20000 header would ask for 1.2 GB.
@@ -211,7 +212,9 @@ def load_resized(
     """
     batch = torch.empty((len(paths), size[0], size[1], 3), dtype=torch.uint8)
     failures = []
-    for index, path in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+    for index, path in enumerate(
+        tqdm(paths, desc=desc, unit="img", leave=False, disable=distributed.secondary())
+    ):
         try:
             batch[index] = torch.from_numpy(resize(read_image(path), size, mode))
         except StpmError as error:
@@ -247,6 +250,17 @@ def category_dir(category: str | None, data: str | Path | None, root: str | Path
     if not category:
         raise StpmError("name a category (--category bottle) or a folder (--data PATH)")
     return data_root(root) / category
+
+
+def categories(root: str | Path) -> list[str]:
+    """The category folders under a data root: those with a train/good folder, by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StpmError(f"no such data root: {root}")
+    found = sorted(path.name for path in root.iterdir() if (path / "train" / "good").is_dir())
+    if not found:
+        raise StpmError(f"no categories under {root} (folders with a train/good folder)")
+    return found
 
 
 @dataclass

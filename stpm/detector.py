@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from . import data, networks, visualize, weights
+from . import data, distributed, networks, visualize, weights
 from .errors import StpmError
 from .files import atomic_write, atomic_write_text
 from .gaussian import IMAGE_MODELS
@@ -159,15 +159,20 @@ class STPM(BaseEstimator):
         model file, config.json and loss curve at the end. resume: a checkpoint to continue.
         init: the student's starting weights instead of random ones, e.g. a trained student
         pruned to other shapes (stpm.compress): a fine-tune.
+
+        Under torchrun every process calls fit the same way and trains one student with
+        DistributedDataParallel (stpm.train.train_student); rank 0 alone writes run_dir.
         """
         folder = Path(folder)
         settings, map_settings = self._check_settings()
-        paths = data.train_images(folder)
+        world = distributed.join()
+        paths = distributed.check_everywhere(lambda: data.train_images(folder), world)
         self.data_warnings_ = data.check_category(folder).warnings
-        for message in self.data_warnings_:
+        for message in self.data_warnings_ if world.main else ():
             warnings.warn(f"{folder}: {message}", stacklevel=2)
         seed_everything(self.seed)  # the student's random initial weights included
-        device = resolve_device(self.device)
+        device = distributed.local_device(resolve_device(self.device), world)
+        self.world_size_, self.backend_ = world.size, distributed.backend(device, world)
         if self.threads:
             torch.set_num_threads(self.threads)
         network = self._build_network(map_settings.size)
@@ -195,8 +200,13 @@ class STPM(BaseEstimator):
             device,
             resize_mode=self.resize_mode,
             image_model=self.image_model,
-            checkpoint=None if run_dir is None else self._checkpoint_writer(Path(run_dir), folder),
+            checkpoint=(
+                self._checkpoint_writer(Path(run_dir), folder)
+                if run_dir is not None and world.main
+                else None
+            ),
             resume=resume,
+            world=world,
         )
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
@@ -206,7 +216,7 @@ class STPM(BaseEstimator):
         self._set_validation(result.validation_scores)
         model = AnomalyMapModel(network, map_settings, result.image_model)
         self.runtime_ = TorchRuntime(model, self.describe(), device, self.threads)
-        if run_dir is not None:
+        if run_dir is not None and world.main:
             self._write_run(Path(run_dir), folder)
         return self
 
@@ -225,10 +235,7 @@ class STPM(BaseEstimator):
         epochs: train a run longer than it was set to. With no learning-rate schedule, 20 epochs
         then 30 more give the same weights as 50 from the start.
         """
-        path = Path(run_dir) / CHECKPOINT
-        if not path.is_file():
-            raise StpmError(f"no checkpoint to resume in {run_dir} (expected {path})")
-        state = load_untrusted(path, "checkpoint")
+        state = distributed.from_main(lambda: _read_checkpoint(run_dir), distributed.join())
         params = {**PARAMETERS_BEFORE_0_2, **state["estimator"]}
         if epochs is not None:
             if epochs < state["epoch"]:
@@ -587,6 +594,8 @@ class STPM(BaseEstimator):
             "train_images": self.train_images_,
             "validation_images": self.validation_images_,
             "training_seconds": round(self.training_seconds_, 2),
+            "world_size": self.world_size_,
+            "backend": self.backend_,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
@@ -594,6 +603,13 @@ class STPM(BaseEstimator):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _read_checkpoint(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise StpmError(f"no checkpoint to resume in {run_dir} (expected {path})")
+    return load_untrusted(path, "checkpoint")
 
 
 def _check_false_alarms(max_false_alarms: float | None) -> None:

@@ -9,7 +9,7 @@ teacher's, the image is unlike the training images.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,19 +164,28 @@ def feature_loss(
     student_features: Sequence[torch.Tensor],
     hard_quantile: float | None = None,
     distance: str = "cosine",
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The paper's loss: per level the mean distance over batch and positions, summed over levels.
 
     hard_quantile (EfficientAD's hard feature loss): per level, average only the distances at
     or above that quantile of the batch's, so the student stops polishing what it already
     matches and spends its capacity where it is still wrong.
+
+    gather: when one batch is split between processes (stpm.distributed.gather_rows), joins a
+    tensor's rows from all of them, so that the quantile and the count are the whole batch's.
+    The loss returned is then this process's share of the whole batch's loss: the shares of
+    all processes add up to it.
     """
     total = torch.zeros(())
     for level in layer_distances(teacher_features, student_features, distance):
+        everything = level.detach().flatten().float()
+        if gather is not None:
+            everything = gather(everything)
         if hard_quantile is not None:
-            cut = torch.quantile(level.detach().flatten().float(), hard_quantile)
-            level = level[level >= cut]
-        total = total + level.mean()
+            cut = torch.quantile(everything, hard_quantile)
+            level, everything = level[level >= cut], everything[everything >= cut]
+        total = total + (level.mean() if gather is None else level.sum() / len(everything))
     return total
 
 

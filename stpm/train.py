@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import corruptions, data
+from . import corruptions, data, distributed
+from .distributed import World
 from .errors import StpmError
 from .gaussian import fit_pooled_gaussian, pooled
 from .metrics import image_auroc
@@ -100,12 +102,27 @@ def train_student(
     image_model: str | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    world: World = distributed.ALONE,
 ) -> TrainResult:
     """Train network.student in place on paths; keeps the epoch with the lowest validation loss.
 
     checkpoint(state) is called after every epoch with everything needed to continue; passing
     that state back as resume continues the run exactly where it stopped (same final weights).
+
+    world (several processes under torchrun, stpm.distributed): every process draws the same
+    global batches in the same order and takes its contiguous share of each; the student is
+    wrapped in DistributedDataParallel, which averages the gradients, and the loss is written
+    so that the average is the whole batch's gradient. So the processes train what one process
+    would, except that BatchNorm normalises each share by its own statistics. Validation is
+    split between the processes and gathered.
     """
+    if settings.batch_size % world.size:
+        raise distributed.EveryRankError(
+            f"the batch of {settings.batch_size} images does not split evenly between "
+            f"{world.size} processes; pick a batch size that is a multiple of {world.size} "
+            "(each process takes batch size / processes images a step)"
+        )
+    distributed.agree(distributed.fingerprint(paths), "the training images", world)
     train_paths, validation_paths = split_validation(
         paths, settings.validation_fraction, settings.seed
     )
@@ -125,6 +142,11 @@ def train_student(
         corrupted_validation = torch.from_numpy(
             corruptions.corrupt_batch(validation_images.numpy(), keys)
         )
+    student = network.student
+    if world.distributed:  # the teacher stays outside: it has nothing to synchronise
+        ids = None if device.type == "cpu" else [device]
+        student = DistributedDataParallel(network.student, device_ids=ids)
+    gather = None if not world.distributed else lambda rows: distributed.gather_rows(rows, world)
     optimizer = torch.optim.SGD(
         network.student.parameters(),
         lr=settings.learning_rate,
@@ -151,56 +173,86 @@ def train_student(
         initial=(first_epoch - 1) * len(train_paths),
         unit="img",
         desc="training",
+        disable=not world.main,
     )
     for epoch in range(first_epoch, settings.epochs + 1):
         network.train()
         epoch_started, losses = time.perf_counter(), []
         order = torch.randperm(len(train_paths), generator=generator)
         for batch_indices in order.split(settings.batch_size):
-            clean = train_images[batch_indices]
+            share = batch_indices[distributed.shard(len(batch_indices), world)]
+            # a last batch smaller than the world leaves a rank nothing: it still takes part
+            # in the step (DDP needs every rank) with one image whose loss it does not count
+            idle = len(share) == 0
+            share = batch_indices[:1] if idle else share
+            clean = train_images[share]
             seen = clean
             if settings.denoise > 0:  # the student sees it corrupted, the teacher clean
-                keys = [(TRAINING, settings.seed, epoch, int(i)) for i in batch_indices]
+                keys = [(TRAINING, settings.seed, epoch, int(i)) for i in share]
                 corrupted = corruptions.corrupt_batch(clean.numpy(), keys, settings.denoise)
                 seen = torch.from_numpy(corrupted)
             if teacher_cache is None:
                 with torch.no_grad():
                     targets = network.teacher_targets(_batch(clean, mean, std, device))
             else:
-                targets = [level[batch_indices].to(device) for level in teacher_cache]
-            student_features = network.student(_batch(seen, mean, std, device))
+                targets = [level[share].to(device) for level in teacher_cache]
+            student_features = student(_batch(seen, mean, std, device))
+            if idle:
+                targets, student_features = (
+                    [t[:0] for t in targets],
+                    [s[:0] for s in student_features],
+                )
             loss = feature_loss(
-                targets, student_features, settings.hard_quantile, map_settings.distance
+                targets, student_features, settings.hard_quantile, map_settings.distance, gather
             )
+            batch_loss = distributed.total(loss.detach(), world)  # this rank's share: the sum
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(batch_loss):
                 raise StpmError(
-                    f"training diverged in epoch {epoch} (the loss is {loss.item()}); "
+                    f"training diverged in epoch {epoch} (the loss is {batch_loss.item()}); "
                     "lower --lr, or use the cosine distance"
                 )
-            loss.backward()
+            # DDP averages the ranks' gradients; the sum of the shares is the batch's gradient
+            (loss * world.size).backward()
             if map_settings.distance == "standardized":
                 # a squared error is unbounded, unlike the cosine distance: at the paper's
                 # learning rate one batch of hard positions can throw the student off
                 torch.nn.utils.clip_grad_norm_(network.student.parameters(), MAX_GRADIENT_NORM)
             optimizer.step()
-            losses.append(loss.item() * len(batch_indices))
+            losses.append(batch_loss.item() * len(batch_indices))
             progress.update(len(batch_indices))
-            progress.set_postfix_str(f"epoch {epoch}/{settings.epochs} loss {loss.item():.4f}")
+            progress.set_postfix_str(
+                f"epoch {epoch}/{settings.epochs} loss {batch_loss.item():.4f}"
+            )
         record = {
             "epoch": epoch,
             "loss": sum(losses) / len(train_paths),
             "images_per_second": len(train_paths) / (time.perf_counter() - epoch_started),
         }
+        # BatchNorm's running statistics moved on each rank's own share in the last step
+        distributed.broadcast_buffers(network.student, world)
         if validation_paths:
             record["validation_loss"] = float(
-                _per_image(
-                    network, validation_images, mean, std, settings, map_settings, device
-                ).mean()
+                np.mean(
+                    _across(
+                        world,
+                        validation_images,
+                        lambda part: _per_image(
+                            network, part, mean, std, settings, map_settings, device
+                        ).tolist(),
+                    )
+                )
             )
         if corrupted_validation is not None:
             record["separation"] = _separation(
-                network, validation_images, corrupted_validation, mean, std, settings, map_settings
+                network,
+                validation_images,
+                corrupted_validation,
+                mean,
+                std,
+                settings,
+                map_settings,
+                world,
             )
         result.history.append(record)
         held_out = record.get("validation_loss", record["loss"])
@@ -229,12 +281,18 @@ def train_student(
     if validation_paths:  # the student's own scores: the map's maximum
         model = AnomalyMapModel(network, map_settings).eval()
         if resize_mode == "letterbox":  # scored as prediction scores them: the part only
-            result.validation_scores = _letterboxed_scores(
-                model, validation_images, validation_paths, mean, std
+            result.validation_scores = distributed.across(
+                len(validation_paths),
+                lambda part: _letterboxed_scores(
+                    model, validation_images[part], validation_paths[part], mean, std
+                ),
+                world,
             )
         else:
-            result.validation_scores = _validation_scores(
-                model, validation_images, mean, std, settings
+            result.validation_scores = _across(
+                world,
+                validation_images,
+                lambda part: _validation_scores(model, part, mean, std, settings),
             )
     if image_model == "gaussian":
         train_pooled = (
@@ -257,6 +315,13 @@ def train_student(
     result.seconds = time.perf_counter() - started
     network.to(memory_format=torch.contiguous_format)  # single images run faster that way
     return result
+
+
+def _across(world: World, images: torch.Tensor, compute: Callable[[torch.Tensor], list]) -> list:
+    """compute(images) -> one value per image, each rank on its share, joined in order."""
+    return distributed.across(
+        len(images), lambda part: compute(images[part]) if len(images[part]) else [], world
+    )
 
 
 def _batch(images: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
@@ -364,12 +429,15 @@ def _pooled_teacher(network, images, mean, std, settings, device) -> torch.Tenso
     )
 
 
-def _separation(network, clean, corrupted, mean, std, settings, map_settings) -> float:
+def _separation(
+    network, clean, corrupted, mean, std, settings, map_settings, world: World = distributed.ALONE
+) -> float:
     """Image AUROC of the validation images against corrupted copies of them: how well this
     epoch's student tells a synthetic defect from a held-out good image."""
     model = AnomalyMapModel(network, map_settings).eval()
     scores = [
-        _validation_scores(model, images, mean, std, settings) for images in (clean, corrupted)
+        _across(world, images, lambda part: _validation_scores(model, part, mean, std, settings))
+        for images in (clean, corrupted)
     ]
     labels = np.r_[np.zeros(len(clean)), np.ones(len(corrupted))]
     return image_auroc(labels, np.concatenate(scores))
