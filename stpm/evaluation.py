@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
-from . import data, metrics, visualize
+from . import data, distributed, metrics, visualize
 from .detector import STPM
 from .errors import StpmError
 from .files import atomic_write_text
@@ -57,20 +57,41 @@ def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     return mask > 127
 
 
-def evaluate(detector: STPM, category: Path, batch_size: int | None = None) -> Evaluation:
-    """Image AUROC, pixel AUROC, PRO and F1-max on category/test, overall and per defect."""
-    samples = data.test_samples(category)
+def evaluate(
+    detector: STPM,
+    category: Path,
+    batch_size: int | None = None,
+    world: distributed.World = distributed.ALONE,
+) -> Evaluation | None:
+    """Image AUROC, pixel AUROC, PRO and F1-max on category/test, overall and per defect.
+
+    Under torchrun (world) each process scores a contiguous share of the test images and sends
+    its scores and small maps to rank 0, which computes the metrics (and returns them; the
+    other ranks return None)."""
+    samples = distributed.check_everywhere(lambda: data.test_samples(category), world)
+    distributed.agree(
+        distributed.fingerprint([sample.path for sample in samples]), "the test images", world
+    )
+    mine = samples[distributed.shard(len(samples), world)]
     scores, maps = [], []
     outcomes = detector.predict_iter(
-        [sample.path for sample in samples], batch_size=batch_size, full_resolution=False
+        [sample.path for sample in mine], batch_size=batch_size, full_resolution=False
     )
-    for _, outcome in tqdm(outcomes, total=len(samples), unit="img", desc="scoring test/"):
+    for _, outcome in tqdm(
+        outcomes, total=len(mine), unit="img", desc="scoring test/", disable=not world.main
+    ):
         if isinstance(outcome, StpmError):
             raise outcome
         scores.append(outcome.score)
         maps.append(outcome.anomaly_map)
-    scores, maps = np.asarray(scores), np.stack(maps)
+    parts = distributed.gather_to_main([(scores, maps)], world)
+    if parts is None:
+        return None
+    scores = np.asarray([score for part, _ in parts for score in part])
+    maps = np.stack([small for _, part in parts for small in part])
     results, pixel_roc = summarize(samples, scores, maps)
+    if world.distributed:
+        results["images_per_rank"] = [len(part) for part, _ in parts]
     return Evaluation(results, samples, scores, maps, pixel_roc)
 
 

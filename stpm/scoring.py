@@ -3,12 +3,18 @@
 `score_files(detector, inputs, out)` is what the command runs; an inspection pipeline can call it
 the same way. Nothing is lost on a crash: each CSV line is flushed as soon as its image is
 scored, and every picture is written atomically.
+
+Under torchrun (stpm.distributed) each process scores a contiguous share of the files, writes
+its pictures and its rows to predictions.rank<N>.csv as it goes; at the end rank 0 merges the
+rows into predictions.csv, in the order one process would have written them, and removes the
+per-rank files.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import data, visualize
+from . import data, distributed, visualize
 from .detector import STPM, Prediction
+from .distributed import World
 from .errors import StpmError
 from .files import atomic_write, atomic_write_text
 
@@ -70,32 +77,43 @@ def score_files(
     save_maps: bool = False,
     images: bool = True,
     progress: bool = True,
+    world: World = distributed.ALONE,
 ) -> ScoringResult:
     """Score every image of inputs (files, folders, globs) into out.
 
     Writes predictions.csv (CSV_COLUMNS, one line per input, errors included), summary.json and,
     unless images=False, <stem>_overlay.png and <stem>_mask.png (plus <stem>_map.npy with
     save_maps) in sub-folders that mirror the inputs' folders. A bad image is a CSV row with
-    verdict "error", not an exception.
+    verdict "error", not an exception. world: this process's place under torchrun; every
+    process passes the same inputs, rank 0's result holds every row (the others' only theirs).
     """
     out = Path(out)
     threshold = detector.threshold_ if threshold is None else float(threshold)
-    paths, missing = expand_inputs(inputs)
+    paths, missing = distributed.check_everywhere(lambda: expand_inputs(inputs), world)
     if not paths and not missing:
         raise StpmError(f"no images found in {' '.join(inputs)}")
+    distributed.agree(distributed.fingerprint([*paths, *missing]), "the input files", world)
     base = _common_parent(paths)
+    mine = paths[distributed.shard(len(paths), world)]
+    missing = missing if world.main else []  # one process writes their rows: rank 0, first
     out.mkdir(parents=True, exist_ok=True)
     result, started = ScoringResult(), time.perf_counter()
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+    rows_file = out / (
+        "predictions.csv" if not world.distributed else f"predictions.rank{world.rank}.csv"
+    )
+    with open(rows_file, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for path in missing:
             result.rows.append(_write_row(writer, handle, path, None, f"no such file: {path}"))
         outcomes = detector.predict_iter(
-            paths, threshold=threshold, batch_size=batch_size, keep_images=images
+            mine, threshold=threshold, batch_size=batch_size, keep_images=images
         )
         for source, outcome in tqdm(
-            outcomes, total=len(paths), unit="img", disable=not progress or len(paths) <= 3
+            outcomes,
+            total=len(mine),
+            unit="img",
+            disable=not progress or len(mine) <= 3 or not world.main,
         ):
             if isinstance(outcome, StpmError):
                 result.rows.append(_write_row(writer, handle, source, None, str(outcome)))
@@ -103,6 +121,9 @@ def score_files(
             if images:
                 _write_images(Path(source), base, out, outcome, threshold, save_maps)
             result.rows.append(_write_row(writer, handle, source, outcome, ""))
+    images_per_rank = distributed.gather([len(mine)], world)
+    if world.distributed:
+        result.rows = _merge_rows(result.rows, rows_file, out, world)
     verdicts = [row["verdict"] for row in result.rows]
     result.summary = {
         "threshold": threshold,
@@ -114,8 +135,24 @@ def score_files(
         "runtime": detector.runtime_.name,
         "threads": detector.runtime_.threads,
         "outputs": str(out),
+        "images_per_rank": images_per_rank,
     }
     return result
+
+
+def _merge_rows(rows: list[dict], rows_file: Path, out: Path, world: World) -> list[dict]:
+    """Every rank's rows in rank order, written by rank 0 to predictions.csv in one step;
+    the per-rank files go once the merged file exists."""
+    everything = distributed.gather(rows, world)
+    if world.main:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)  # the line endings of the file one process writes
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows([row[column] for column in CSV_COLUMNS] for row in everything)
+        atomic_write_text(out / "predictions.csv", buffer.getvalue())
+    distributed.barrier(world)
+    rows_file.unlink()
+    return everything if world.main else rows
 
 
 def write_summary(result: ScoringResult, out: str | Path, **extra) -> Path:
