@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from . import compress, data, runtime, scoring
-from .detector import STPM
+from . import compress, data, distributed, runtime, scoring
+from .detector import CHECKPOINT, STPM
 from .errors import StpmError
 from .model import DISTANCES
 from .train import SELECTIONS
@@ -36,18 +37,39 @@ def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str]
                 warnings.showwarning = one_line
                 return command(argv)
         except StpmError as error:
+            if distributed.secondary():  # rank 0 prints what every rank found
+                if not isinstance(error, distributed.EveryRankError):
+                    print(
+                        f"stpm-{name}: rank {os.environ['RANK']}: error: {error}", file=sys.stderr
+                    )
+                return 2
             print(f"stpm-{name}: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"stpm-{name}: interrupted", file=sys.stderr)
             return 130
+        finally:
+            distributed.leave()
 
     return run
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--category", help="category name under the data root, e.g. bottle")
+    if several:
+        group.add_argument(
+            "--category",
+            nargs="+",
+            help="category name(s) under the data root, e.g. bottle; several train one "
+            "after another into --out/<category>",
+        )
+        group.add_argument(
+            "--all-categories",
+            action="store_true",
+            help="every category under the data root (folders with train/good)",
+        )
+    else:
+        group.add_argument("--category", help="category name under the data root, e.g. bottle")
     group.add_argument("--data", type=Path, help="an MVTec-style category folder (any path)")
     group.add_argument(
         "--data-root",
@@ -63,7 +85,7 @@ def _train_parser() -> argparse.ArgumentParser:
         description="Train an STPM anomaly detector on the defect-free images of one category.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_data_arguments(parser)
+    _add_data_arguments(parser, several=True)
     parser.add_argument(
         "--download", action="store_true", help="fetch the MVTec AD category first if missing"
     )
@@ -171,7 +193,10 @@ def _train_parser() -> argparse.ArgumentParser:
         help="defective images in hand: report what share of them the threshold catches",
     )
     parser.add_argument(
-        "--out", type=Path, help="run folder (default: runs/<category>/<timestamp>)"
+        "--out",
+        type=Path,
+        help="run folder (default: runs/<category>/<timestamp>); with several categories the "
+        f"folder that holds one run per category (default: {CATEGORY_RUNS})",
     )
     return parser
 
@@ -191,15 +216,77 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     if args.resume:
         return _report_training(STPM.resume(args.resume, args.epochs), args.resume, args.defects)
-    folder = data.category_dir(args.category, args.data, args.data_root)
-    if args.download and not folder.is_dir():
-        if not args.category:
-            raise StpmError("--download needs --category (an MVTec AD category name)")
-        folder = data.download_mvtec_category(args.category, data.data_root(args.data_root))
     if len(args.image_size) not in (1, 2):
         raise StpmError("--image-size takes one side or two (height width)")
+    if args.defects is not None and not (args.defects.is_dir() and data.list_images(args.defects)):
+        raise StpmError(f"--defects: no images in {args.defects} (a folder of defective parts)")
+    names = args.category or []
+    if args.all_categories:
+        if names or args.data:
+            raise StpmError("--all-categories takes every category; give no --category or --data")
+        names = data.categories(data.data_root(args.data_root))
+    if len(names) > 1 or args.all_categories:
+        return _train_categories(args, names)
+    folder = _category_folder(args, names[0] if names else None)
     run_dir = args.out or _new_run_dir(folder.name)
-    detector = STPM(
+    detector = _estimator(args).fit(folder, run_dir=run_dir)
+    return _report_training(detector, run_dir, args.defects)
+
+
+def _category_folder(args: argparse.Namespace, category: str | None) -> Path:
+    """--data, or the category under the data root (downloaded first with --download)."""
+    folder = data.category_dir(category, args.data, args.data_root)
+    if args.download and not folder.is_dir():
+        if not category:
+            raise StpmError("--download needs --category (an MVTec AD category name)")
+        folder = data.download_mvtec_category(category, data.data_root(args.data_root))
+    return folder
+
+
+def _train_categories(args: argparse.Namespace, names: list[str]) -> int:
+    """One run per category in --out/<category>, one after another: a finished run (its
+    model.pt written) is skipped, an interrupted one (a checkpoint, no model.pt) resumed, so
+    the same command picks up where a crash or a cluster's time limit stopped it."""
+    if args.data is not None:
+        raise StpmError("--data names one category folder; use --category NAME ... instead")
+    if len(set(names)) < len(names):
+        raise StpmError(f"a category is named twice: {' '.join(names)}")
+    root, outcomes = args.out or CATEGORY_RUNS, {}
+    for number, name in enumerate(names, 1):
+        run_dir = root / name
+        _say(f"[{number}/{len(names)}] {name}: ", end="", flush=True)
+        try:
+            if (run_dir / "model.pt").is_file():
+                _say(f"finished before, skipped ({run_dir})")
+                outcomes[name] = "skipped"
+                continue
+            if (run_dir / CHECKPOINT).is_file():
+                _say(f"resuming {run_dir}")
+                detector = STPM.resume(run_dir, args.epochs)
+                outcomes[name] = "resumed"
+            else:
+                _say(f"training into {run_dir}")
+                detector = _estimator(args).fit(_category_folder(args, name), run_dir=run_dir)
+                outcomes[name] = "trained"
+            _report_training(detector, run_dir, args.defects)
+        except StpmError as error:  # one bad category does not stop the others
+            _say(f"stpm-train: error: {name}: {error}", file=sys.stderr)
+            outcomes[name] = f"failed: {error}"
+    failed = [name for name, outcome in outcomes.items() if outcome.startswith("failed")]
+    _say(
+        f"{len(names)} categories: "
+        + ", ".join(
+            f"{sum(o.startswith(kind) for o in outcomes.values())} {kind}"
+            for kind in ("trained", "resumed", "skipped", "failed")
+        )
+        + (f" ({' '.join(failed)})" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def _estimator(args: argparse.Namespace) -> STPM:
+    """An untrained STPM with the command line's settings."""
+    return STPM(
         backbone=args.backbone,
         strides=args.strides,
         image_size=args.image_size[0] if len(args.image_size) == 1 else args.image_size,
@@ -225,13 +312,17 @@ def train_main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         max_false_alarms=args.max_false_alarms,
     )
-    if args.defects is not None and not (args.defects.is_dir() and data.list_images(args.defects)):
-        raise StpmError(f"--defects: no images in {args.defects} (a folder of defective parts)")
-    detector.fit(folder, run_dir=run_dir)
-    return _report_training(detector, run_dir, args.defects)
+
+
+def _say(*args, **kwargs) -> None:
+    """print, in rank 0 only under torchrun: one copy of each line, not one per process."""
+    if not distributed.secondary():
+        print(*args, **kwargs)
 
 
 def _report_training(detector: STPM, run_dir: Path, defects: Path | None = None) -> int:
+    if distributed.secondary():
+        return 0
     last = detector.history_[-1]
     print(
         f"trained {detector.backbone} on {detector.train_images_} images in "
@@ -251,6 +342,9 @@ def _report_training(detector: STPM, run_dir: Path, defects: Path | None = None)
         )
     print(f"run folder: {run_dir}")
     return 0
+
+
+CATEGORY_RUNS = Path("runs") / "categories"
 
 
 def _new_run_dir(category: str) -> Path:
@@ -317,15 +411,23 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--force", action="store_true", help="load even if the teacher differs")
 
 
-def _load(args: argparse.Namespace) -> tuple[STPM, Path]:
-    """The model of --model (or the newest run) and its path, with the runtime options applied."""
+def _load(
+    args: argparse.Namespace, world: distributed.World = distributed.ALONE
+) -> tuple[STPM, Path]:
+    """The model of --model (or the newest run) and its path, with the runtime options applied.
+
+    Under torchrun the processes on one machine share its cores: by default each takes its
+    share of the threads one process would."""
     path = args.model or latest_model()
     if args.threads is not None and args.threads < 1:
         raise StpmError(f"--threads must be at least 1, not {args.threads}")
+    threads = getattr(args, "threads", None)
+    if threads is None and world.distributed:
+        threads = max(1, runtime.default_threads() // world.local_size)
     detector = STPM.load(
         path,
         runtime=getattr(args, "runtime", "auto"),
-        threads=getattr(args, "threads", None),
+        threads=threads,
         device=args.device,
         precision=getattr(args, "precision", "f32"),
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
@@ -339,7 +441,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = _predict_parser().parse_args(argv)
     if args.threshold is not None and args.max_false_alarms is not None:
         raise StpmError("give --threshold or --max-false-alarms, not both")
-    detector, model_path = _load(args)
+    world = distributed.join()
+    detector, model_path = distributed.check_everywhere(lambda: _load(args, world), world)
     threshold = args.threshold
     if args.max_false_alarms is not None:
         threshold = detector.threshold_at(args.max_false_alarms)
@@ -351,7 +454,10 @@ def predict_main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         save_maps=args.save_maps,
         images=not args.no_images,
+        world=world,
     )
+    if not world.main:
+        return 1 if result.failures else 0
     scoring.write_summary(result, args.out, model=str(model_path))
     _print_table(result.rows, result.summary)
     for row in result.failures:
@@ -404,11 +510,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .evaluation import evaluate, format_table, write_report
 
-    detector, _ = _load(args)
+    world = distributed.join()
+    detector, _ = distributed.check_everywhere(lambda: _load(args, world), world)
     folder = data.category_dir(args.category, args.data, args.data_root)
     if not folder.is_dir():
         raise StpmError(f"no such folder: {folder}")
-    evaluation = evaluate(detector, folder, batch_size=args.batch_size)
+    evaluation = evaluate(detector, folder, batch_size=args.batch_size, world=world)
+    if evaluation is None:  # a rank other than 0: its scores went to rank 0
+        return 0
     write_report(evaluation, detector.threshold_, args.out)
     print(format_table(evaluation.metrics))
     if not evaluation.has_masks:
