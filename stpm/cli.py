@@ -251,16 +251,18 @@ def _train_categories(args: argparse.Namespace, names: list[str]) -> int:
         raise StpmError("--data names one category folder; use --category NAME ... instead")
     if len(set(names)) < len(names):
         raise StpmError(f"a category is named twice: {' '.join(names)}")
-    root, outcomes = args.out or CATEGORY_RUNS, {}
+    root, outcomes, world = args.out or CATEGORY_RUNS, {}, distributed.join()
     for number, name in enumerate(names, 1):
         run_dir = root / name
         _say(f"[{number}/{len(names)}] {name}: ", end="", flush=True)
+        # what rank 0 sees decides for every rank: the run folder may be on its machine alone
+        state = distributed.from_main(lambda run_dir=run_dir: _run_state(run_dir), world)
         try:
-            if (run_dir / "model.pt").is_file():
+            if state == "finished":
                 _say(f"finished before, skipped ({run_dir})")
                 outcomes[name] = "skipped"
                 continue
-            if (run_dir / CHECKPOINT).is_file():
+            if state == "interrupted":
                 _say(f"resuming {run_dir}")
                 detector = STPM.resume(run_dir, args.epochs)
                 outcomes[name] = "resumed"
@@ -282,6 +284,13 @@ def _train_categories(args: argparse.Namespace, names: list[str]) -> int:
         + (f" ({' '.join(failed)})" if failed else "")
     )
     return 1 if failed else 0
+
+
+def _run_state(run_dir: Path) -> str:
+    """'finished' (model.pt written), 'interrupted' (a checkpoint only) or 'new'."""
+    if (run_dir / "model.pt").is_file():
+        return "finished"
+    return "interrupted" if (run_dir / CHECKPOINT).is_file() else "new"
 
 
 def _estimator(args: argparse.Namespace) -> STPM:

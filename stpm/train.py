@@ -135,7 +135,9 @@ def train_student(
     scale = getattr(network.student, "target_scale", None)
     if scale is not None:  # the standardized distance: the teacher's statistics first
         scale.set(*teacher_statistics(network, train_images, mean, std, settings, device))
-    teacher_cache = cache_teacher_features(network, train_images, mean, std, settings, device)
+    teacher_cache = cache_teacher_features(
+        network, train_images, mean, std, settings, device, world=world
+    )
     corrupted_validation = None
     if settings.selection == "separation" and validation_paths:
         keys = [(SELECTION, settings.seed, index) for index in range(len(validation_paths))]
@@ -233,7 +235,7 @@ def train_student(
         distributed.broadcast_buffers(network.student, world)
         if validation_paths:
             record["validation_loss"] = float(
-                np.mean(
+                torch.tensor(
                     _across(
                         world,
                         validation_images,
@@ -241,7 +243,7 @@ def train_student(
                             network, part, mean, std, settings, map_settings, device
                         ).tolist(),
                     )
-                )
+                ).mean()
             )
         if corrupted_validation is not None:
             record["separation"] = _separation(
@@ -335,24 +337,33 @@ TEACHER_CACHE_BYTES = 4 * 2**30
 
 @torch.inference_mode()
 def cache_teacher_features(
-    network, images, mean, std, settings, device, budget: int = TEACHER_CACHE_BYTES
+    network,
+    images,
+    mean,
+    std,
+    settings,
+    device,
+    budget: int = TEACHER_CACHE_BYTES,
+    world: World = distributed.ALONE,
 ) -> list[torch.Tensor] | None:
     """The frozen teacher's features of every training image, computed once on the CPU side.
 
     Exact (no augmentation, teacher in eval mode) and a quarter of each step's work saved;
-    skipped when they would take more than `budget` bytes of memory.
+    skipped when they would take more than `budget` bytes of memory. Under torchrun each
+    process computes a share and every process gets all of them: its shares of the batches
+    change every epoch.
     """
     sample = network.teacher_targets(_batch(images[:1], mean, std, device))
     per_image = sum(level.numel() * level.element_size() for level in sample)
     if per_image * len(images) > budget:
         return None
-    levels = [[] for _ in sample]
-    for batch in images.split(settings.batch_size):
+    levels = [[level.cpu()[:0]] for level in sample]
+    for batch in images[distributed.shard(len(images), world)].split(settings.batch_size):
         for store, level in zip(
             levels, network.teacher_targets(_batch(batch, mean, std, device)), strict=True
         ):
             store.append(level.cpu())
-    return [torch.cat(store) for store in levels]
+    return [distributed.gather_rows(torch.cat(store), world) for store in levels]
 
 
 @torch.inference_mode()
