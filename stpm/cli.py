@@ -425,19 +425,20 @@ def _load(
 ) -> tuple[STPM, Path]:
     """The model of --model (or the newest run) and its path, with the runtime options applied.
 
-    Under torchrun the processes on one machine share its cores: by default each takes its
-    share of the threads one process would."""
+    Under torchrun the processes on one machine share its cores (by default each takes its
+    share of the threads one process would) and each takes its own GPU, if any."""
     path = args.model or latest_model()
     if args.threads is not None and args.threads < 1:
         raise StpmError(f"--threads must be at least 1, not {args.threads}")
-    threads = getattr(args, "threads", None)
-    if threads is None and world.distributed:
-        threads = max(1, runtime.default_threads() // world.local_size)
+    threads, device = getattr(args, "threads", None), args.device
+    if world.distributed:
+        threads = threads or max(1, runtime.default_threads() // world.local_size)
+        device = str(distributed.local_device(runtime.resolve_device(device), world))
     detector = STPM.load(
         path,
         runtime=getattr(args, "runtime", "auto"),
         threads=threads,
-        device=args.device,
+        device=device,
         precision=getattr(args, "precision", "f32"),
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
         force=args.force,

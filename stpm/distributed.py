@@ -89,10 +89,11 @@ def join() -> World:
 def local_device(device: torch.device, world: World) -> torch.device:
     """The device this rank computes on: its own GPU (cuda:LOCAL_RANK) when device is 'cuda'
     under torchrun, device itself otherwise."""
-    if world.distributed and device.type == "cuda" and device.index is None:
+    if not world.distributed or device.type != "cuda":
+        return device
+    if device.index is None:
         device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     return device
 
 

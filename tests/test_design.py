@@ -72,6 +72,11 @@ def test_the_exporter_and_the_runtimes_do_not_know_the_estimator():
         assert "detector" not in graph[module], module
 
 
+def test_the_process_group_knows_nothing_of_the_method():
+    """stpm.distributed is plumbing: training, scoring and evaluation call it, never the reverse."""
+    assert package_imports()["distributed"] <= {"errors"}
+
+
 def test_clone_gives_an_equal_unfitted_estimator(trained):
     original = STPM(epochs=3, strides=[8, 16], threads=1)
     copy = clone(original)
