@@ -50,6 +50,7 @@ class World:
 
 
 ALONE = World()  # one process, no torchrun
+_OURS: list = []  # the process group join made, if it made one
 
 
 def launched() -> bool:
@@ -78,6 +79,7 @@ def join() -> World:
             dist.init_process_group(backend, timeout=TIMEOUT)
         except (RuntimeError, ValueError) as error:
             raise StpmError(f"cannot join the torchrun process group: {error}") from error
+        _OURS.append(dist.group.WORLD)
     return World(
         rank=dist.get_rank(),
         size=dist.get_world_size(),
@@ -105,9 +107,11 @@ def backend(device: torch.device, world: World) -> str | None:
 
 
 def leave() -> None:
-    """Leave the process group (the commands' last step under torchrun)."""
-    if dist.is_initialized():
+    """Leave the process group join made (the commands' last step under torchrun); a group the
+    caller's own program made stays."""
+    if _OURS and dist.is_initialized():
         dist.destroy_process_group()
+    _OURS.clear()
 
 
 def barrier(world: World) -> None:

@@ -143,7 +143,7 @@ def score_files(
 def _merge_rows(rows: list[dict], rows_file: Path, out: Path, world: World) -> list[dict]:
     """Every rank's rows in rank order, written by rank 0 to predictions.csv in one step;
     the per-rank files go once the merged file exists."""
-    everything = distributed.gather(rows, world)
+    everything = distributed.gather_to_main(rows, world)
     if world.main:
         buffer = io.StringIO()
         writer = csv.writer(buffer)  # the line endings of the file one process writes
