@@ -149,8 +149,10 @@ def gather_to_main(items: Sequence[T], world: World) -> list[T] | None:
 
 def across(count: int, compute: Callable[[slice], Sequence[T]], world: World) -> list[T]:
     """compute(part) for this rank's shard of count items, the results of all ranks joined in
-    order: each rank does 1/size of the work, every rank ends with the whole list."""
-    return gather(compute(shard(count, world)), world)
+    order: each rank does 1/size of the work, every rank ends with the whole list. A rank whose
+    shard is empty (fewer items than ranks) computes nothing."""
+    part = shard(count, world)
+    return gather(compute(part) if part.stop > part.start else [], world)
 
 
 def gather_rows(values: torch.Tensor, world: World) -> torch.Tensor:
@@ -214,13 +216,18 @@ def check_everywhere(compute: Callable[[], T], world: World) -> T:
     return result
 
 
-def agree(value: str, what: str, world: World) -> None:
-    """Refuse to go on unless every rank computed the same value (e.g. a fingerprint of its
-    file list): ranks that see different data would silently train or score different things."""
-    values = gather([value], world)
+def agree_on_files(paths: Sequence[os.PathLike | str], what: str, world: World) -> None:
+    """Refuse to go on unless every rank lists the same files (names and sizes): ranks that see
+    different data would silently train or score different things. Nothing to do for one
+    process."""
+    if not world.distributed:
+        return
+    values = gather([fingerprint(paths)], world)
     if len(set(values)) > 1:
         ranks = ", ".join(f"rank {rank}: {text[:12]}" for rank, text in enumerate(values))
-        raise StpmError(f"the ranks disagree on {what} ({ranks}); every node needs the same files")
+        raise EveryRankError(
+            f"the ranks disagree on {what} ({ranks}); every node needs the same files"
+        )
 
 
 def fingerprint(paths: Sequence[os.PathLike | str]) -> str:

@@ -69,9 +69,7 @@ def evaluate(
     its scores and small maps to rank 0, which computes the metrics (and returns them; the
     other ranks return None)."""
     samples = distributed.check_everywhere(lambda: data.test_samples(category), world)
-    distributed.agree(
-        distributed.fingerprint([sample.path for sample in samples]), "the test images", world
-    )
+    distributed.agree_on_files([sample.path for sample in samples], "the test images", world)
     mine = samples[distributed.shard(len(samples), world)]
     scores, maps = [], []
     outcomes = detector.predict_iter(

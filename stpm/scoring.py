@@ -92,7 +92,7 @@ def score_files(
     paths, missing = distributed.check_everywhere(lambda: expand_inputs(inputs), world)
     if not paths and not missing:
         raise StpmError(f"no images found in {' '.join(inputs)}")
-    distributed.agree(distributed.fingerprint([*paths, *missing]), "the input files", world)
+    distributed.agree_on_files([*paths, *missing], "the input files", world)
     base = _common_parent(paths)
     mine = paths[distributed.shard(len(paths), world)]
     missing = missing if world.main else []  # one process writes their rows: rank 0, first

@@ -122,7 +122,7 @@ def train_student(
             f"{world.size} processes; pick a batch size that is a multiple of {world.size} "
             "(each process takes batch size / processes images a step)"
         )
-    distributed.agree(distributed.fingerprint(paths), "the training images", world)
+    distributed.agree_on_files(paths, "the training images", world)
     train_paths, validation_paths = split_validation(
         paths, settings.validation_fraction, settings.seed
     )
@@ -321,9 +321,7 @@ def train_student(
 
 def _across(world: World, images: torch.Tensor, compute: Callable[[torch.Tensor], list]) -> list:
     """compute(images) -> one value per image, each rank on its share, joined in order."""
-    return distributed.across(
-        len(images), lambda part: compute(images[part]) if len(images[part]) else [], world
-    )
+    return distributed.across(len(images), lambda part: compute(images[part]), world)
 
 
 def _batch(images: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_one_process_world_changes_nothing():
     assert distributed.join() == distributed.ALONE
     assert distributed.gather([1, 2], distributed.ALONE) == [1, 2]
     assert distributed.from_main(lambda: 3, distributed.ALONE) == 3
-    distributed.agree("x", "anything", distributed.ALONE)
+    distributed.agree_on_files(["nowhere.png"], "anything", distributed.ALONE)
 
 
 # ---------------------------------------------------------------------- training
