@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stpm import STPM
 
@@ -35,6 +36,45 @@ def test_a_version_1_model_file_gives_its_old_maps_and_scores():
     np.testing.assert_allclose(
         [p.normalized_score for p in predictions], reference["normalized_scores"], atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "images", "resize_mode"),
+    [("gaussian", "image", "squash"), ("letterbox", "oblong", "letterbox")],
+)
+def test_a_version_3_model_file_gives_its_old_maps_and_scores(name, images, resize_mode):
+    """Today's defaults (slim student, hard loss, image-level term), squashed and letterboxed:
+    the two ways an image reaches its score that later versions merged into one path."""
+    reference = np.load(DATA / f"v3_tiny_{name}_maps.npz")
+    model = STPM.load(DATA / f"v3_tiny_{name}_model.pt", device="cpu")
+    assert (model.image_model, model.resize_mode) == ("gaussian", resize_mode)
+    assert model.threshold_ == pytest.approx(float(reference["threshold"]), rel=1e-12)
+    assert model.validation_scores_ == pytest.approx(reference["validation_scores"], rel=1e-12)
+    predictions = model.predict([DATA / f"{images}_{index}.png" for index in range(4)])
+    for index, prediction in enumerate(predictions):
+        np.testing.assert_allclose(
+            prediction.anomaly_map, reference[f"map_{index}"], rtol=1e-5, atol=1e-7
+        )
+    np.testing.assert_allclose(
+        [p.score for p in predictions], reference["scores"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        [p.normalized_score for p in predictions], reference["normalized_scores"], atol=1e-6
+    )
+
+
+def test_a_version_2_model_file_loads_with_what_version_3_added(tmp_path):
+    """A file of format version 2 (stpm 0.2) is a version 3 file without pruning and shared
+    layers: made here from the v3 reference, it loads and gives the same scores."""
+    state = torch.load(DATA / "v3_tiny_gaussian_model.pt", weights_only=True)
+    del state["pruning"], state["shared_layers"]
+    state.update(format_version=2, stpm_version="0.2.0")
+    torch.save(state, tmp_path / "v2.pt")
+    model = STPM.load(tmp_path / "v2.pt", device="cpu")
+    assert model.pruning_ is None and model.shared_layers_ == []
+    reference = np.load(DATA / "v3_tiny_gaussian_maps.npz")
+    scores = [p.score for p in model.predict([DATA / f"image_{i}.png" for i in range(4)])]
+    np.testing.assert_allclose(scores, reference["scores"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(
