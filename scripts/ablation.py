@@ -66,12 +66,12 @@ def torch_runtime(detector):
 def level_maps(detector, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Per-level (1 - cosine) maps of uint8 images (N, H, W, 3) at the input size, upsampled to
     it: (N, levels, H, W), by AnomalyMapModel.level_maps, the path prediction runs."""
-    from stpm import data
+    from stpm import scoring
 
     runtime = torch_runtime(detector)
     levels = []
     for batch in images.split(batch_size):
-        normalized = data.normalize(batch.numpy(), detector.mean_, detector.std_)
+        normalized = scoring.normalize(batch.numpy(), detector.mean_, detector.std_)
         maps = runtime.model.level_maps(torch.from_numpy(normalized).to(runtime.device))
         levels.append(torch.cat(maps, dim=1))
     return torch.cat(levels).cpu()
@@ -80,7 +80,8 @@ def level_maps(detector, images: torch.Tensor, batch_size: int = 16) -> torch.Te
 def combine_maps(levels: torch.Tensor, combine: str, sigma: float) -> torch.Tensor:
     """(N, levels, H, W) -> (N, H, W) by stpm.model.finish_map, the code prediction runs
     (64 maps at a time: the blur's products of a whole test set would double its memory)."""
-    from stpm.model import MapSettings, finish_map
+    from stpm.model import finish_map
+    from stpm.settings import MapSettings
 
     settings = MapSettings(tuple(levels.shape[-2:]), combine, sigma)
     parts = [finish_map(part.split(1, dim=1), settings)[:, 0] for part in levels.split(64)]
@@ -105,12 +106,12 @@ def score_variants(detector, samples, images) -> list[dict]:
 
 def inference_speed(detector, images: torch.Tensor, repeats: int = 20) -> float:
     """Median images/s of the detector's runtime on single normalised images (model cost only)."""
-    from stpm import data
+    from stpm import scoring
 
     times = []
     for index in range(repeats + 2):
         image = images[index % len(images)][None].numpy()
-        normalized = data.normalize(image, detector.mean_, detector.std_)
+        normalized = scoring.normalize(image, detector.mean_, detector.std_)
         started = time.perf_counter()
         detector.runtime_(normalized)
         times.append(time.perf_counter() - started)
@@ -140,7 +141,9 @@ def run_one(name: str, args: argparse.Namespace) -> None:
         train_seconds = time.perf_counter() - started
         if images is None:
             paths = [sample.path for sample in samples]
-            images = data.load_resized(paths, detector.input_size_, desc="decoding test/")
+            images = torch.from_numpy(
+                data.load_resized(paths, detector.input_size_, desc="decoding test/")
+            )
         history = detector.history_
         record["budgets"][str(budget)] = {
             "best_epoch": detector.best_epoch_,
@@ -269,45 +272,42 @@ def _cost(run_dir: Path, settings: dict) -> dict:
 
 def score_student(detector, category: Path) -> dict:
     """The student's own figures (halves, pixel metrics, per defect) and the add-on's."""
-    from stpm import data
+    from stpm import data, scoring
+    from stpm.calibration import fit_image_model, split_validation
     from stpm.evaluation import defect_labels, summarize
-    from stpm.gaussian import fit_pooled_gaussian
-    from stpm.train import split_validation
 
     samples = data.test_samples(category)
     paths = [sample.path for sample in samples]
     labels = defect_labels(samples)
     halves = benchkit.test_halves(paths)
-    scores, maps = [], []
-    for _, prediction in detector.predict_iter(paths, full_resolution=False):
-        scores.append(prediction.score)
-        maps.append(prediction.anomaly_map)
-    given, maps = np.asarray(scores), np.stack(maps)
-    scores = maps.reshape(len(maps), -1).max(axis=1)  # the student's own: the map's maximum
+    predictions = [p for _, p in detector.predict_iter(paths, full_resolution=False)]
+    maps = np.stack([prediction.anomaly_map for prediction in predictions])
+    scores = scoring.map_maxima(maps)  # the student's own: the map's maximum
     metrics, _ = summarize(samples, scores, maps)
     if detector.image_model is not None:  # trained with the add-on: its own term
-        term = given - scores
+        term = np.asarray([prediction.image_term for prediction in predictions])
         distance = term
-    else:  # fitted here as training fits it (same split, same features)
+    else:  # fitted here as training fits it (same split, same features: stpm.calibration)
         train, validation = split_validation(
             data.train_images(category), detector.validation_fraction, detector.seed
         )
-        gaussian = fit_pooled_gaussian(
+        gaussian, _ = fit_image_model(
             pooled_teacher_features(detector, train),
             pooled_teacher_features(detector, validation),
-            detector.validation_scores_,
+            np.asarray(detector.validation_scores_),  # the maps' maxima: no term yet
         )
         test_pooled = torch.from_numpy(pooled_teacher_features(detector, paths)).float()
         distance = gaussian.distances(test_pooled).double().numpy()  # the add-on alone
         term = gaussian.term(test_pooled).double().numpy()  # as stpm adds it
+    with_add_on = scoring.image_scores(scores, term)
     return {
         "halves": benchkit.image_figures(labels, scores, halves),
         "pixel_auroc": metrics["pixel_auroc"],
         "pro": metrics["pro"],
         "per_defect": {d: v["image_auroc"] for d, v in metrics["per_defect"].items()},
         "add_on_alone": benchkit.image_figures(labels, distance, halves),
-        "with_add_on": benchkit.image_figures(labels, scores + term, halves),
-        "with_add_on_per_defect": _per_defect_auroc(samples, labels, scores + term),
+        "with_add_on": benchkit.image_figures(labels, with_add_on, halves),
+        "with_add_on_per_defect": _per_defect_auroc(samples, labels, with_add_on),
     }
 
 
@@ -319,22 +319,20 @@ def _per_defect_auroc(samples, labels: np.ndarray, scores: np.ndarray) -> dict[s
     return {d: image_auroc(labels[c], scores[c]) for d, c in chosen.items()}
 
 
-@torch.inference_mode()
 def pooled_teacher_features(detector, paths, batch_size: int = 16) -> np.ndarray:
     """(N, channels summed over levels): the teacher's features as the student learns them,
-    each level averaged over positions (stpm.gaussian.pooled, what training fits on)."""
-    from stpm import data
-    from stpm.gaussian import pooled
+    each level averaged over positions (the runtime's pooled output: what training fits on)."""
+    from stpm import data, scoring
 
     images = data.load_resized(
         paths, detector.input_size_, "teacher features", detector.resize_mode
     )
-    network = torch_runtime(detector).model.network
-    features = []
-    for batch in images.split(batch_size):
-        normalized = torch.from_numpy(data.normalize(batch.numpy(), detector.mean_, detector.std_))
-        features.append(pooled(network.teacher_targets(normalized)))
-    return torch.cat(features).double().numpy()
+    runtime = torch_runtime(detector)
+    features = [
+        scoring.run_resized(runtime, images[start : start + batch_size], pooled=True).pooled
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(features).astype(np.float64)
 
 
 def _student_line(record: dict) -> str:
@@ -573,8 +571,9 @@ def gflops_per_image(settings: dict, whole_map: bool = False) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from stpm import weights
-    from stpm.model import AnomalyMapModel, MapSettings, StudentTeacher
+    from stpm.model import AnomalyMapModel, StudentTeacher
     from stpm.networks import build_student, drop_unused_blocks, pyramid_indices
+    from stpm.settings import MapSettings
 
     indices = pyramid_indices(settings["backbone"], settings["strides"])
     teacher = drop_unused_blocks(weights.create_backbone(settings["backbone"], indices, False))

@@ -155,9 +155,9 @@ def run_all(args: argparse.Namespace, methods: list[str], cores: list[int]) -> d
     """Run the methods, each pinned to a free core; returns {key: [core, start s, end s]}."""
     teacher = None
     if any(key != "ours" for key in methods):
-        from stpm import weights
+        from stpm import settings, weights
 
-        teacher = weights.packaged_weights_file(weights.DEFAULT_BACKBONE)
+        teacher = weights.packaged_weights_file(settings.DEFAULT_BACKBONE)
     waiting, running, schedule = list(methods), {}, {}
     free = list(cores)
     started = time.perf_counter()

@@ -9,9 +9,9 @@ Usage:
 
 Each --model NAME=FILE is a model.pt (the first is the reference: "our FP32 deployment" is its
 FP32 ONNX file on whichever of ONNX Runtime and OpenVINO is faster). Each is exported once per
---work folder to FP32 ONNX and to INT8 as `stpm-export --int8` makes it (stpm.export: percentile
-calibration on 64 train/good images, reduce_range for this CPU, image term and threshold fitted
-again on the INT8 file), then run through ONNX Runtime and OpenVINO, each path in its own
+--work folder to FP32 ONNX and to INT8 as `stpm-export --int8` makes it (stpm.export.export_model:
+percentile calibration on 64 train/good images, reduce_range for this CPU, image term and
+threshold fitted again on the INT8 file), then run through ONNX Runtime and OpenVINO, each path in its own
 process with the same threads, warm-up and images (scripts/benchmark_speed.py's child: every
 test image one at a time from its file, then in batches). The reference also runs on torch.
 anomalib's OpenVINO INT8 export (NNCF) of its trained Stfpm runs the same way, in its own venv.
@@ -63,35 +63,29 @@ def export(name: str, model: Path, data: Path, work: Path) -> Variant:
     variant = Variant(name, model, folder / "model.onnx", folder / "model-int8.onnx")
     if variant.fp32.exists() and variant.int8.exists():
         return variant
-    from stpm import STPM, compress
     from stpm import export as exporting
 
     folder.mkdir(parents=True, exist_ok=True)
-    detector = STPM.load(model, runtime="torch", device="cpu")
-    exporting.export_onnx(detector.runtime_.model, detector.describe(), variant.fp32)
-    images = exporting.calibration_images(
-        data, detector.input_size_, CALIBRATION_IMAGES, detector.resize_mode
-    )
-    exporting.quantize_int8(variant.fp32, variant.int8, images, detector.mean_, detector.std_)
-    compress.refit_on_int8(variant.int8, data)
+    exporting.export_model(model, variant.fp32, data)
+    exporting.export_model(model, variant.int8, data, int8=True, images=CALIBRATION_IMAGES)
     return variant
 
 
 def sizes(model: Path) -> dict:
     """Parameters (teacher, student, image model) and GFLOP per image of a model.pt."""
-    import torch
+    import numpy as np
     from torch.utils.flop_counter import FlopCounterMode
 
     from stpm import STPM
 
     detector = STPM.load(model, runtime="torch", device="cpu")
-    network = detector.runtime_.model
-    image = torch.zeros((1, 3, *detector.input_size_))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        network(image)
-    unique = {id(p): p for p in network.parameters()}  # a shared stem counts once
-    student = {id(p): p for p in network.network.student.parameters()}
-    teacher = {id(p) for p in network.network.teacher.parameters()}
+    image = np.zeros((1, 3, *detector.input_size_), np.float32)
+    with FlopCounterMode(display=False) as counter:
+        detector.runtime_(image)  # the torch runtime: torch operations, counted
+    graph = detector.runtime_.model  # teacher, student and image model
+    unique = {id(p): p for p in graph.parameters()}  # a shared stem counts once
+    student = {id(p): p for p in detector.runtime_.student.parameters()}
+    teacher = {id(p) for p in graph.network.teacher.parameters()}
     return {
         "parameters": sum(p.numel() for p in unique.values()),
         "student_parameters": sum(p.numel() for k, p in student.items() if k not in teacher),

@@ -113,24 +113,22 @@ def run_ours(args: argparse.Namespace) -> None:
 
 
 def export_ours(model: Path, category: Path, work: Path) -> dict[str, Path]:
-    """Our model file and its FP32 and INT8 ONNX exports; exported once per work folder (when
-    both ONNX files are there, they are reused)."""
+    """Our model file and its FP32 and INT8 ONNX exports, as `stpm-export` writes them
+    (stpm.export.export_model: INT8 with its image term and threshold refitted); exported once
+    per work folder (when both ONNX files are there, they are reused)."""
     files = {"pt": model, "fp32": work / "model.onnx", "int8": work / "model-int8.onnx"}
     if files["fp32"].exists() and files["int8"].exists():
         return files
-    from stpm import STPM, export
+    from stpm import export
 
-    detector = STPM.load(model, runtime="torch", device="cpu")
-    export.export_onnx(detector.runtime_.model, detector.describe(), files["fp32"])
-    calibration = export.calibration_images(
-        category, detector.input_size_, CALIBRATION_IMAGES, detector.resize_mode
-    )
-    export.quantize_int8(files["fp32"], files["int8"], calibration, detector.mean_, detector.std_)
+    export.export_model(model, files["fp32"], category)
+    export.export_model(model, files["int8"], category, int8=True, images=CALIBRATION_IMAGES)
     return files
 
 
 def flops_per_image(model_path: Path) -> dict:
     """Counted FLOPs of one image: our map model, and anomalib's (whole backbones, twice)."""
+    import numpy as np
     import timm
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -139,9 +137,9 @@ def flops_per_image(model_path: Path) -> dict:
     from stpm.networks import pyramid_indices
 
     detector = STPM.load(model_path, runtime="torch", device="cpu")
-    image = torch.zeros((1, 3, *detector.input_size_))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        detector.runtime_.model(image)
+    image = np.zeros((1, 3, *detector.input_size_), np.float32)
+    with FlopCounterMode(display=False) as counter:
+        detector.runtime_(image)  # the torch runtime: torch operations, counted
     ours = counter.get_total_flops()
     # anomalib's Stfpm compares strides 4/8/16, but timm's EfficientNet feature extractor runs
     # every block whatever the levels asked for: its teacher and student are whole backbones
@@ -189,12 +187,12 @@ def our_jobs(args: argparse.Namespace, files: dict[str, Path], skipped: dict) ->
 
 def their_jobs(args: argparse.Namespace, skipped: dict) -> list[Job]:
     """anomalib's paths, its checkpoint exported first (once per --work folder)."""
-    from stpm import weights
+    from stpm import settings, weights
 
     exports = args.work / "anomalib-exports"
     runner = [str(args.anomalib_python), str(benchkit.ANOMALIB_SCRIPTS / "anomalib_speed.py")]
     environment = benchkit.anomalib_environment()
-    teacher = weights.resolve_weights_file(weights.DEFAULT_BACKBONE)
+    teacher = weights.resolve_weights_file(settings.DEFAULT_BACKBONE)
     common = ["--export-dir", str(exports), "--data", str(args.data)]
     common += ["--teacher-weights", str(teacher)]
     if not (exports / "done").exists():

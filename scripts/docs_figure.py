@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stpm import STPM, Prediction, data, visualize
+from stpm import STPM, Prediction, data, scoring, visualize
 from stpm.evaluation import read_mask
 
 
@@ -59,7 +59,7 @@ def main() -> None:
 
 def _row(model: STPM, sample: data.TestSample, prediction: Prediction, title: str) -> tuple:
     """(title, image, mask, overlay) for visualize.comparison_grid."""
-    image = data.read_image(sample.path)
+    image = scoring.read_image(sample.path)
     mask = read_mask(sample.mask, image.shape[:2]).astype(np.uint8) * 255
     verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
     label = f"{verdict} {prediction.normalized_score:.2f}"

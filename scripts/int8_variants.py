@@ -10,7 +10,7 @@ run by ONNX Runtime on every test image, and compared with the FP32 file: image 
 score stpm reports, and the map's maximum alone), pixel AUROC, PRO, defects caught at 1% false
 alarms, and how close its maps and image terms stay to FP32's (correlation over the test set).
 "refitted": the image term and threshold fitted again on the quantised file's own features
-(stpm.export.refit_on_int8, what stpm-export --int8 does).
+(stpm.export.refit_int8: the file stpm.export.export_model and stpm-export --int8 write).
 No timing here (scripts/benchmark_edge.py times the chosen ones). Results: int8_variants.json
 and .md in --results, with the CPU (INT8 arithmetic differs with and without VNNI).
 """
@@ -52,13 +52,12 @@ def score(model: Path, category: Path) -> dict:
 
     detector = STPM.load(model, runtime="onnxruntime")
     paths = [sample.path for sample in data.test_samples(category)]
-    scores, maps = [], []
-    for _, prediction in detector.predict_iter(paths, full_resolution=False):
-        scores.append(prediction.score)
-        maps.append(prediction.anomaly_map)
-    maps = np.stack(maps)
-    scores = np.asarray(scores)
-    return {"scores": scores, "maps": maps, "terms": scores - maps.reshape(len(maps), -1).max(1)}
+    predictions = [p for _, p in detector.predict_iter(paths, full_resolution=False)]
+    return {
+        "scores": np.asarray([prediction.score for prediction in predictions]),
+        "maps": np.stack([prediction.anomaly_map for prediction in predictions]),
+        "terms": np.asarray([prediction.image_term for prediction in predictions]),
+    }
 
 
 def figures(result: dict, reference: dict, category: Path) -> dict:
@@ -92,13 +91,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=benchkit.SCRIPTS / "results")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
-    from stpm import STPM, compress, export, runtime
+    from stpm import STPM, export, runtime
 
     args.work.mkdir(parents=True, exist_ok=True)
     fp32 = args.work / "model.onnx"
     detector = STPM.load(args.model, runtime="torch", device="cpu")
     if not fp32.exists():
-        export.export_onnx(detector.runtime_.model, detector.describe(), fp32)
+        export.export_model(detector.runtime_, fp32, check=False)
     calibration = export.calibration_images(
         args.data, detector.input_size_, 64, detector.resize_mode
     )
@@ -112,7 +111,7 @@ def main() -> None:
             settings = {key: value for key, value in options.items() if key != "refit"}
             export.quantize_int8(fp32, path, calibration, detector.mean_, detector.std_, **settings)
             if options.get("refit"):
-                compress.refit_on_int8(path, args.data)
+                export.refit_int8(path, args.data)
         results[name] = {
             "options": options,
             "megabytes": path.stat().st_size / 1e6,

@@ -42,7 +42,7 @@ def level_maps(detector, paths: list[Path]) -> torch.Tensor:
     ablation.level_maps (the package's map path)."""
     from stpm import data
 
-    images = data.load_resized(paths, detector.input_size_, desc="decoding")
+    images = torch.from_numpy(data.load_resized(paths, detector.input_size_, desc="decoding"))
     return ablation.level_maps(detector, images).transpose(0, 1).contiguous()
 
 

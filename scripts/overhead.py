@@ -7,7 +7,7 @@ For each runtime (torch on the .pt; ONNX Runtime and OpenVINO on the FP32 export
 BF16 where the CPU has it; ONNX Runtime and OpenVINO on the INT8 export), in a process of its
 own, with the same model, threads and images:
   - run:     the runtime alone on ready normalised tensors, call after call;
-  - decode:  `stpm.data.read_image` alone on the files;
+  - decode:  `stpm.scoring.read_image` alone on the files;
   - predict: `model.predict(path)`, one image per call, call after call (the camera case).
 Each is timed on every one of --calls images (--rounds times over) after --warm-up calls, the
 three right after each other on the same image, so that a drift of the machine touches all
@@ -19,6 +19,7 @@ Results, with the CPU they were measured on: scripts/results/overhead.md and .js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -42,7 +43,7 @@ PATHS = {  # name -> (model file key, runtime, precision)
 
 def measure(args: argparse.Namespace) -> dict:
     """Child process: one runtime, timed as the module docstring says."""
-    from stpm import STPM, data
+    from stpm import STPM, scoring
 
     key, runtime, precision = PATHS[args.child]
     started = time.perf_counter()
@@ -50,8 +51,10 @@ def measure(args: argparse.Namespace) -> dict:
     load_ms = 1000 * (time.perf_counter() - started)
     paths = benchkit.spread_subset(benchkit.test_images(args.data), args.calls)
     tensors = [
-        data.normalize(
-            data.resize(data.read_image(path), model.input_size_)[None], model.mean_, model.std_
+        scoring.normalize(
+            scoring.resize(scoring.read_image(path), model.input_size_)[None],
+            model.mean_,
+            model.std_,
         )
         for path in paths
     ]
@@ -64,12 +67,15 @@ def measure(args: argparse.Namespace) -> dict:
     for _ in range(args.rounds):
         for index in range(len(paths)):
             times["predict"].append(_timed(model.predict, paths[index]))
-            times["decode"].append(_timed(data.read_image, paths[index]))
+            times["decode"].append(_timed(scoring.read_image, paths[index]))
             times["run"].append(_timed(model.runtime_, tensors[index]))
-    runtime = model.runtime_
-    model.runtime_ = _Instant(runtime, tensors[0])
-    times["predict_instant_runtime"] = [_timed(model.predict, path) for path in paths]
-    times["decode_alone"] = [_timed(data.read_image, path) for path in paths]
+    runtime, instant = model.runtime_, _Instant(model.runtime_, tensors[0])
+
+    def predict_instantly(path: Path) -> list:  # predict's own path, with an instant runtime
+        return list(scoring.predict(instant, [path], model.threshold_, model.validation_mean_))
+
+    times["predict_instant_runtime"] = [_timed(predict_instantly, path) for path in paths]
+    times["decode_alone"] = [_timed(scoring.read_image, path) for path in paths]
     medians = {name: _summary(values)["median_ms"] for name, values in times.items()}
     each = np.subtract(np.subtract(times["predict"], times["decode"]), times["run"])
     overhead = float(np.median(each))
@@ -92,7 +98,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 class _Instant:
-    """A runtime that answers at once with the maps of one image: what predict costs without
+    """A runtime that answers at once with the outputs of one image: what predict costs without
     the model, i.e. the library's own work (resizing, normalising, scores, masks)."""
 
     def __init__(self, runtime, tensor: np.ndarray) -> None:
@@ -101,10 +107,12 @@ class _Instant:
             runtime.threads,
             runtime.description,
         )
-        self.maps, self.terms = runtime(tensor)
+        self.outputs = runtime(tensor)
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.maps.copy(), self.terms.copy()
+    def __call__(self, images: np.ndarray, pooled: bool = False):
+        return dataclasses.replace(
+            self.outputs, maps=self.outputs.maps.copy(), terms=self.outputs.terms.copy()
+        )
 
 
 def _summary(milliseconds: list[float]) -> dict[str, float]:

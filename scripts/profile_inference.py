@@ -45,9 +45,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of profile.md")
     args = parser.parse_args()
-    from stpm import STPM, data, visualize
-    from stpm.model import MapSettings, anomaly_map
+    from stpm import STPM, data, scoring, visualize
+    from stpm.model import anomaly_map
     from stpm.runtime import OnnxRuntime
+    from stpm.settings import MapSettings
 
     detector = STPM.load(args.model, runtime="torch", device="cpu", threads=args.threads)
     model, size = detector.runtime_.model, detector.input_size_
@@ -60,10 +61,10 @@ def main() -> None:
         for index, path in enumerate(paths):
             if index == 2:
                 stages.clear()  # two warm-up images
-            image = timed(stages, "decode", data.read_image, path)
-            resized = timed(stages, "resize", data.resize, image, size)
+            image = timed(stages, "decode", scoring.read_image, path)
+            resized = timed(stages, "resize", scoring.resize, image, size)
             batch = timed(
-                stages, "normalise", data.normalize, resized[None], detector.mean_, detector.std_
+                stages, "normalise", scoring.normalize, resized[None], detector.mean_, detector.std_
             )
             images = torch.from_numpy(batch)
             teacher = timed(stages, "teacher (torch)", network.teacher, images)
@@ -80,7 +81,7 @@ def main() -> None:
             for name, runner in runners.items():
                 timed(stages, f"teacher + student + map ({name})", runner, batch)
             full = timed(
-                stages, "map to image size", data.resize_map, maps[0, 0].numpy(), image.shape[:2]
+                stages, "map to image size", scoring.resize_map, maps[0, 0].numpy(), image.shape[:2]
             )
             overlay = timed(
                 stages,

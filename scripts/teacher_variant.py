@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from skimage import data as photos
 
-from stpm import data, weights
+from stpm import scoring, weights
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -47,7 +47,7 @@ def centre_crop(image: np.ndarray, side: int = 224) -> np.ndarray:
     height, width = image.shape[:2]
     square = min(height, width)
     top, left = (height - square) // 2, (width - square) // 2
-    return data.resize(image[top : top + square, left : left + square], (side, side))
+    return scoring.resize(image[top : top + square, left : left + square], (side, side))
 
 
 def batchnorm_mismatch(model: torch.nn.Module, batch: torch.Tensor) -> float:
@@ -87,7 +87,7 @@ def main() -> None:
         model = weights.create_backbone(variant, None, False).eval()
         model.load_state_dict(dict(zip(model.state_dict(), state.values(), strict=True)))
         for name, (mean, std) in (("ImageNet mean/std", IMAGENET), ("mean = std = 0.5", HALF)):
-            batch = torch.from_numpy(data.normalize(np.stack(crops), mean, std))
+            batch = torch.from_numpy(scoring.normalize(np.stack(crops), mean, std))
             with torch.inference_mode():
                 probabilities = model(batch[: len(LABELLED)]).softmax(-1)
             true = [

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import warnings
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 
-from . import compress, data, distributed, runtime, scoring
-from .detector import CHECKPOINT, STPM
+from . import data, distributed, outputs, runs, runtime, settings
+from .detector import STPM
 from .errors import StpmError
-from .model import DISTANCES
-from .train import SELECTIONS
 
 
 def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
@@ -95,7 +91,32 @@ def _train_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run where it stopped",
     )
-    model = parser.add_argument_group("model")
+    _add_model_arguments(parser.add_argument_group("model"), defaults)
+    _add_training_arguments(parser.add_argument_group("training"), defaults)
+    threshold = parser.add_argument_group("threshold")
+    threshold.add_argument(
+        "--max-false-alarms",
+        type=float,
+        metavar="SHARE",
+        help="set the threshold so that this share of defect-free validation images is "
+        "rejected, e.g. 0.01 (default: mean + 3 std of their scores)",
+    )
+    threshold.add_argument(
+        "--defects",
+        type=Path,
+        metavar="DIR",
+        help="defective images in hand: report what share of them the threshold catches",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="run folder (default: runs/<category>/<timestamp>); with several categories the "
+        f"folder that holds one run per category (default: {runs.CATEGORY_RUNS})",
+    )
+    return parser
+
+
+def _add_model_arguments(model: argparse._ArgumentGroup, defaults: dict) -> None:
     model.add_argument("--backbone", default=defaults["backbone"], help="any timm CNN")
     model.add_argument(
         "--student",
@@ -112,15 +133,15 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--resize",
-        choices=data.RESIZE_MODES,
+        choices=settings.RESIZE_MODES,
         default=defaults["resize_mode"],
         help="images of another shape: stretched to the size, or aspect kept and padded",
     )
-    model.add_argument("--combine", choices=["product", "sum"], default=defaults["combine"])
+    model.add_argument("--combine", choices=settings.COMBINES, default=defaults["combine"])
     model.add_argument("--smoothing-sigma", type=float, default=defaults["smoothing_sigma"])
     model.add_argument(
         "--image-model",
-        choices=["gaussian", "none"],
+        choices=[*settings.IMAGE_MODELS, "none"],
         default=defaults["image_model"] or "none",
         help="'gaussian': add an image-level term to each score, a Gaussian of the teacher's "
         "pooled features (sees large-area changes the map normalises away)",
@@ -132,12 +153,14 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--distance",
-        choices=DISTANCES,
+        choices=settings.DISTANCES,
         default=defaults["distance"],
         help="compare features by cosine (the paper) or by squared error of per-channel "
         "standardized features (keeps magnitude: large-area brightness changes)",
     )
-    training = parser.add_argument_group("training")
+
+
+def _add_training_arguments(training: argparse._ArgumentGroup, defaults: dict) -> None:
     training.add_argument(
         "--epochs",
         type=int,
@@ -171,34 +194,13 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--selection",
-        choices=SELECTIONS,
+        choices=settings.SELECTIONS,
         default=defaults["selection"],
         help="keep the epoch of lowest validation loss, or the one that best separates "
         "validation images from synthetic defects made of them",
     )
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     training.add_argument("--threads", type=int, help="CPU threads (default: torch's own)")
-    threshold = parser.add_argument_group("threshold")
-    threshold.add_argument(
-        "--max-false-alarms",
-        type=float,
-        metavar="SHARE",
-        help="set the threshold so that this share of defect-free validation images is "
-        "rejected, e.g. 0.01 (default: mean + 3 std of their scores)",
-    )
-    threshold.add_argument(
-        "--defects",
-        type=Path,
-        metavar="DIR",
-        help="defective images in hand: report what share of them the threshold catches",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="run folder (default: runs/<category>/<timestamp>); with several categories the "
-        f"folder that holds one run per category (default: {CATEGORY_RUNS})",
-    )
-    return parser
 
 
 def _float_or_none(text: str) -> float | None:
@@ -228,7 +230,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if len(names) > 1 or args.all_categories:
         return _train_categories(args, names)
     folder = _category_folder(args, names[0] if names else None)
-    run_dir = args.out or _new_run_dir(folder.name)
+    run_dir = args.out or runs.new_run_dir(folder.name)
     detector = _estimator(args).fit(folder, run_dir=run_dir)
     return _report_training(detector, run_dir, args.defects)
 
@@ -251,12 +253,12 @@ def _train_categories(args: argparse.Namespace, names: list[str]) -> int:
         raise StpmError("--data names one category folder; use --category NAME ... instead")
     if len(set(names)) < len(names):
         raise StpmError(f"a category is named twice: {' '.join(names)}")
-    root, outcomes, world = args.out or CATEGORY_RUNS, {}, distributed.join()
+    root, outcomes, world = args.out or runs.CATEGORY_RUNS, {}, distributed.join()
     for number, name in enumerate(names, 1):
         run_dir = root / name
         _say(f"[{number}/{len(names)}] {name}: ", end="", flush=True)
         # what rank 0 sees decides for every rank: the run folder may be on its machine alone
-        state = distributed.from_main(lambda run_dir=run_dir: _run_state(run_dir), world)
+        state = distributed.from_main(lambda run_dir=run_dir: runs.run_state(run_dir), world)
         try:
             if state == "finished":
                 _say(f"finished before, skipped ({run_dir})")
@@ -284,13 +286,6 @@ def _train_categories(args: argparse.Namespace, names: list[str]) -> int:
         + (f" ({' '.join(failed)})" if failed else "")
     )
     return 1 if failed else 0
-
-
-def _run_state(run_dir: Path) -> str:
-    """'finished' (model.pt written), 'interrupted' (a checkpoint only) or 'new'."""
-    if (run_dir / "model.pt").is_file():
-        return "finished"
-    return "interrupted" if (run_dir / CHECKPOINT).is_file() else "new"
 
 
 def _estimator(args: argparse.Namespace) -> STPM:
@@ -351,18 +346,6 @@ def _report_training(detector: STPM, run_dir: Path, defects: Path | None = None)
         )
     print(f"run folder: {run_dir}")
     return 0
-
-
-CATEGORY_RUNS = Path("runs") / "categories"
-
-
-def _new_run_dir(category: str) -> Path:
-    base = Path("runs") / category / datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir, suffix = base, 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = base.with_name(f"{base.name}-{suffix}")
-    return run_dir
 
 
 # ---------------------------------------------------------------------- stpm-predict
@@ -427,7 +410,7 @@ def _load(
 
     Under torchrun the processes on one machine share its cores (by default each takes its
     share of the threads one process would) and each takes its own GPU, if any."""
-    path = args.model or latest_model()
+    path = args.model or runs.latest_model()
     if args.threads is not None and args.threads < 1:
         raise StpmError(f"--threads must be at least 1, not {args.threads}")
     threads, device = getattr(args, "threads", None), args.device
@@ -456,7 +439,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     threshold = args.threshold
     if args.max_false_alarms is not None:
         threshold = detector.threshold_at(args.max_false_alarms)
-    result = scoring.score_files(
+    result = outputs.score_files(
         detector,
         args.inputs,
         args.out,
@@ -468,21 +451,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     )
     if not world.main:
         return 1 if result.failures else 0
-    scoring.write_summary(result, args.out, model=str(model_path))
+    outputs.write_summary(result, args.out, model=str(model_path))
     _print_table(result.rows, result.summary)
     for row in result.failures:
         print(f"stpm-predict: error: {row['error']}", file=sys.stderr)
     return 1 if result.failures else 0
-
-
-def latest_model(root: Path = Path("runs")) -> Path:
-    """The newest runs/**/model.pt, for `stpm-predict image.png` right after `stpm-train`."""
-    models = sorted(root.glob("**/model.pt"), key=lambda path: path.stat().st_mtime)
-    if not models:
-        raise StpmError(
-            f"no trained model under {root}/; train one with stpm-train or pass --model"
-        )
-    return models[-1]
 
 
 def _print_table(rows: list[dict], summary: dict, limit: int = 10) -> None:
@@ -571,35 +544,25 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from . import export
 
-    model_path = args.model or latest_model()
+    model_path = args.model or runs.latest_model()
     if model_path.suffix.lower() == ".onnx":
         raise StpmError(f"{model_path} is already an ONNX file; export the .pt it came from")
     args.threads = None
     detector, _ = _load(args)
     folder = _export_data(args, model_path)
-    images = export.calibration_images(
-        folder, detector.input_size_, args.images, detector.resize_mode
-    )
     suffix = "-int8.onnx" if args.int8 else ".onnx"
     out = args.out or model_path.with_name(model_path.stem + suffix)
-    network = detector.runtime_.model
-    if args.int8:
-        fp32 = out.with_name(out.stem + "-fp32.onnx")
-        export.export_onnx(network, detector.describe(), fp32)
-        reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
-        export.quantize_int8(fp32, out, images, detector.mean_, detector.std_, reduce_range)
-        fp32.unlink()
-        refit = compress.refit_on_int8(out, folder)
-    else:
-        export.export_onnx(network, detector.describe(), out)
-    exported = runtime.OnnxRuntime(out)
+    reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
+    exported = export.export_model(
+        detector.runtime_, out, folder, args.int8, args.images, reduce_range
+    )
     if args.int8:
         print(
-            f"INT8 (reduce_range {exported.description.int8['reduce_range']}): image term and "
+            f"INT8 (reduce_range {exported.int8['reduce_range']}): image term and "
             f"threshold fitted on its own features; threshold "
-            f"{refit['threshold_before']:.4g} -> {refit['threshold']:.4g}"
+            f"{exported.threshold_before:.4g} -> {exported.threshold:.4g}"
         )
-    check = export.compare(detector.runtime_, exported, images, detector.mean_, detector.std_)
+    check = exported.check
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB). ONNX Runtime vs torch on "
         f"{check['images']} train/good images of {folder}: max |map difference| "
@@ -651,6 +614,8 @@ def compress_main(argv: list[str] | None = None) -> int:
         "-shared-stem" if args.share_stem else ""
     )
     run_dir = args.out or model_path.parent.with_name(model_path.parent.name + suffix)
+    from . import compress
+
     detector = compress.compress(
         model_path,
         folder,
@@ -677,15 +642,4 @@ def _export_data(args: argparse.Namespace, model_path: Path) -> Path:
     """--data / --category if given, else the data folder the run's config.json records."""
     if args.data is not None or args.category:
         return data.category_dir(args.category, args.data, args.data_root)
-    config = model_path.parent / "config.json"
-    recorded = json.loads(config.read_text()).get("data") if config.is_file() else None
-    if recorded is None:
-        raise StpmError(
-            f"name the images to calibrate and check on (--data PATH or --category NAME): "
-            f"{model_path} has no config.json beside it that records its data folder"
-        )
-    if not Path(recorded).is_dir():
-        raise StpmError(
-            f"{config} records the data folder {recorded}, which is not here; pass --data PATH"
-        )
-    return Path(recorded)
+    return runs.recorded_data(model_path)

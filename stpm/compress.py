@@ -16,15 +16,12 @@ model file still loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import StpmError
-from .files import atomic_write
 
 # widths stay multiples of 8, the channel block of ONNX Runtime's NCHWc kernels on AVX2 (16 on
 # AVX-512, which the unpruned Lite widths, 24, 40, 56..., are not multiples of either)
@@ -111,7 +108,7 @@ def compress(
     if prune is None and not share_stem:
         raise StpmError("nothing to compress: give a pruning ratio (--prune) or --share-stem")
     source = STPM.load(model_file, runtime="torch", device=device)
-    student = source.runtime_.model.network.student
+    student = source.runtime_.student
     before = count_parameters(student)
     pruning = source.pruning_
     if prune is not None:
@@ -129,83 +126,5 @@ def compress(
         params["learning_rate"] = learning_rate
     if seed is not None:
         params["seed"] = seed
-    compact = STPM(**params)
-    compact.pruning_ = pruning
-    return compact.fit(folder, run_dir=run_dir, init=student.state_dict())
-
-
-def refit_on_int8(path: str | Path, category: Path) -> dict:
-    """Fit a quantised file's image term and threshold anew on its own outputs, in place.
-
-    The image term is a Mahalanobis distance of the teacher's pooled features; INT8 shifts those
-    features by a bias it repeats on every image, which the distance reads as an anomaly (term
-    correlation with FP32 0.96 on Magnetic Tile, image AUROC -2.5 points, while the map lost
-    nothing: scripts/results/int8_variants.md). So the Gaussian is fitted again, as training
-    fits it (the same training and validation images), on the features the quantised teacher
-    computes, and the threshold on the file's own validation scores. Returns the old and new
-    threshold.
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    from . import data
-    from .detector import STPM
-    from .gaussian import fit_pooled_gaussian
-    from .modelfile import ONNX_METADATA_KEY
-    from .train import split_validation
-
-    path = Path(path)
-    detector = STPM.load(path, runtime="onnxruntime")
-    description = detector.runtime_.description
-    model = onnx.load(str(path))
-    users = [node for node in model.graph.node if "image_model.mean" in node.input]
-    pooled = users[0].input[0] if users else None  # the pooled features: the Gaussian's input
-    if pooled is not None:
-        model.graph.output.append(onnx.ValueInfoProto(name=pooled))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    train, validation = split_validation(
-        data.train_images(category),
-        description.settings["validation_fraction"],
-        description.settings["seed"],
-    )
-
-    def run(paths: list[Path], what: str) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled features (N, D) and map maxima over the part (N,) of paths."""
-        images = data.load_resized(paths, detector.input_size_, what, detector.resize_mode)
-        features, maxima = [], []
-        for start in range(0, len(paths), 16):
-            batch = data.normalize(
-                images[start : start + 16].numpy(), detector.mean_, detector.std_
-            )
-            found = session.run(["anomaly_map", *([pooled] if pooled else [])], {"images": batch})
-            for index, anomaly_map in enumerate(found[0][:, 0]):
-                if detector.resize_mode == "letterbox":
-                    shape = data.image_shape(paths[start + index])
-                    anomaly_map = data.unletterbox_map(anomaly_map, shape)
-                maxima.append(float(anomaly_map.max()))
-            features.append(found[1] if pooled else np.zeros((len(batch), 0), np.float32))
-        return np.concatenate(features).astype(np.float64), np.asarray(maxima)
-
-    validation_pooled, scores = run(validation, "refitting on validation")
-    if pooled is not None:
-        train_pooled, _ = run(train, "refitting on train/good")
-        gaussian = fit_pooled_gaussian(train_pooled, validation_pooled, scores)
-        with torch.no_grad():
-            terms = gaussian.term(torch.from_numpy(validation_pooled).float()).double().numpy()
-        scores = scores + terms
-        replaced = {f"image_model.{name}": value for name, value in gaussian.state_dict().items()}
-        for index, tensor in enumerate(model.graph.initializer):
-            if tensor.name in replaced:
-                value = replaced[tensor.name].float().numpy()
-                model.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
-        del model.graph.output[-1]
-    before = detector.threshold_
-    detector._set_validation(scores.tolist())
-    refitted = detector.describe()
-    refitted.int8 = {**(description.int8 or {}), "refitted": True}
-    for entry in model.metadata_props:
-        if entry.key == ONNX_METADATA_KEY:
-            entry.value = json.dumps(refitted.to_dict())
-    atomic_write(path, lambda temporary: onnx.save(model, str(temporary)))
-    return {"threshold_before": before, "threshold": detector.threshold_}
+    init = {"student": student.state_dict(), "pruning": pruning}
+    return STPM(**params).fit(folder, run_dir=run_dir, init=init)

@@ -4,7 +4,8 @@ torchrun starts N copies of a command and tells each its place through environme
 (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, ...). Without them `join` returns
 a world of one process and every function here does nothing, so the library and the commands
 run unchanged outside torchrun. Collectives carry Python objects where the data is small (file
-rows, scores) and tensors where it is per training step.
+rows, scores) and tensors where it is per training step. torch is imported only under torchrun:
+one process that scores an exported file never loads it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import StpmError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=30)  # a rank decoding a large category can keep the others waiting
@@ -53,6 +54,13 @@ ALONE = World()  # one process, no torchrun
 _OURS: list = []  # the process group join made, if it made one
 
 
+def _dist():
+    """torch.distributed, imported when a collective is about to run."""
+    import torch.distributed
+
+    return torch.distributed
+
+
 def launched() -> bool:
     """Whether torchrun (or any env:// launcher) started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -73,6 +81,9 @@ def join() -> World:
     """
     if not launched():
         return ALONE
+    import torch
+
+    dist = _dist()
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         try:
@@ -93,6 +104,8 @@ def local_device(device: torch.device, world: World) -> torch.device:
     under torchrun, device itself otherwise."""
     if not world.distributed or device.type != "cuda":
         return device
+    import torch
+
     if device.index is None:
         device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)  # NCCL's collectives run on the current device
@@ -109,15 +122,15 @@ def backend(device: torch.device, world: World) -> str | None:
 def leave() -> None:
     """Leave the process group join made (the commands' last step under torchrun); a group the
     caller's own program made stays."""
-    if _OURS and dist.is_initialized():
-        dist.destroy_process_group()
+    if _OURS and _dist().is_initialized():
+        _dist().destroy_process_group()
     _OURS.clear()
 
 
 def barrier(world: World) -> None:
     """Wait until every rank reaches this point."""
     if world.distributed:
-        dist.barrier()
+        _dist().barrier()
 
 
 def shard(count: int, world: World) -> slice:
@@ -133,7 +146,7 @@ def gather(items: Sequence[T], world: World) -> list[T]:
     if not world.distributed:
         return list(items)
     parts: list = [None] * world.size
-    dist.all_gather_object(parts, list(items))
+    _dist().all_gather_object(parts, list(items))
     return [item for part in parts for item in part]
 
 
@@ -143,7 +156,7 @@ def gather_to_main(items: Sequence[T], world: World) -> list[T] | None:
     if not world.distributed:
         return list(items)
     parts: list | None = [None] * world.size if world.main else None
-    dist.gather_object(list(items), parts, dst=0)
+    _dist().gather_object(list(items), parts, dst=0)
     return [item for part in parts for item in part] if world.main else None
 
 
@@ -159,6 +172,9 @@ def gather_rows(values: torch.Tensor, world: World) -> torch.Tensor:
     """Tensors whose first dimension may differ between ranks, concatenated in rank order."""
     if not world.distributed:
         return values
+    import torch
+
+    dist = _dist()
     counts = torch.zeros(world.size, dtype=torch.long, device=values.device)
     counts[world.rank] = len(values)
     dist.all_reduce(counts)
@@ -173,7 +189,7 @@ def total(value: torch.Tensor, world: World) -> torch.Tensor:
     """The sum of value over all ranks."""
     if world.distributed:
         value = value.clone()
-        dist.all_reduce(value)
+        _dist().all_reduce(value)
     return value
 
 
@@ -181,7 +197,7 @@ def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
     """Rank 0's buffers (BatchNorm's running statistics) on every rank."""
     if world.distributed:
         for buffer in module.buffers():
-            dist.broadcast(buffer, 0)
+            _dist().broadcast(buffer, 0)
 
 
 def from_main(compute: Callable[[], T], world: World) -> T:
@@ -195,7 +211,7 @@ def from_main(compute: Callable[[], T], world: World) -> T:
             box[0] = compute()
         except StpmError as error:
             box[0] = error
-    dist.broadcast_object_list(box, 0)
+    _dist().broadcast_object_list(box, 0)
     if isinstance(box[0], StpmError):
         raise EveryRankError(str(box[0]))
     return box[0]

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
-from . import data, distributed, metrics, visualize
+from . import data, distributed, metrics, scoring, visualize
 from .detector import STPM
 from .errors import StpmError
 from .files import atomic_write_text
@@ -101,7 +101,7 @@ def summarize(
     Each map is upsampled bilinearly to its image's own size before the pixel metrics, the
     same way for every method compared.
     """
-    sizes = [data.image_shape(sample.path) for sample in samples]  # headers only, no decoding
+    sizes = [scoring.image_shape(sample.path) for sample in samples]  # headers only, no decoding
     edges = metrics.score_bins(maps[:, ::2, ::2].ravel())
     defects = sorted({sample.defect for sample in samples} - {"good"})
     overall = metrics.PixelAccumulator(edges)
@@ -111,7 +111,7 @@ def summarize(
         pairs, total=len(samples), desc="pixel metrics", leave=False
     ):
         mask = read_mask(sample.mask, size)
-        full_map = data.resize_map(small_map, mask.shape)
+        full_map = scoring.resize_map(small_map, mask.shape)
         overall.add(full_map, mask)
         for defect in defects if sample.defect == "good" else [sample.defect]:
             per_defect[defect].add(full_map, mask)
@@ -186,8 +186,8 @@ def _examples(evaluation: Evaluation, threshold: float | None, count: int) -> li
     rows = []
     for index, kind in picks:
         sample = evaluation.samples[index]
-        image = data.read_image(sample.path)
-        full_map = data.resize_map(evaluation.maps[index], image.shape[:2])
+        image = scoring.read_image(sample.path)
+        full_map = scoring.resize_map(evaluation.maps[index], image.shape[:2])
         mask = read_mask(sample.mask, image.shape[:2]).astype(np.uint8) * 255
         overlay = visualize.heatmap_overlay(image, full_map, reference, f"{scores[index]:.3g}")
         rows.append((f"{kind}\n{sample.defect}/{sample.path.name}", image, mask, overlay))

@@ -12,17 +12,16 @@ validation images, then multiplied by the standard deviation of the student's ow
 scores. The image score is the map's maximum plus that term, so neither part dominates by its
 units, and score, threshold and map keep one scale (a pixel above the threshold still means the
 same thing).
+
+The torch module lives here; its fit, with the rest of the calibration, in stpm.calibration.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
-
-IMAGE_MODELS = ("gaussian",)
 
 
 def pooled(features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -51,23 +50,3 @@ class PooledGaussian(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.term(pooled(features))
-
-
-def fit_pooled_gaussian(
-    train: np.ndarray, validation: np.ndarray, student_scores: Sequence[float]
-) -> PooledGaussian:
-    """Fit on pooled features of training images (N, D); standardise on validation images'
-    (M, D), scaled to the spread of the student's validation scores (M,)."""
-    from sklearn.covariance import LedoitWolf
-
-    estimate = LedoitWolf().fit(np.asarray(train, np.float64))
-    model = PooledGaussian(train.shape[1])
-    model.mean.copy_(torch.from_numpy(estimate.location_))
-    model.precision.copy_(torch.from_numpy(estimate.precision_))
-    with torch.no_grad():  # in the precision prediction computes them in
-        distances = model.distances(torch.from_numpy(np.asarray(validation, np.float32)))
-    spread = float(distances.std()) if len(distances) > 1 else 1.0
-    student_spread = float(np.std(student_scores, ddof=1)) if len(student_scores) > 1 else 1.0
-    model.offset.fill_(float(distances.mean()) if len(distances) else 0.0)
-    model.scale.fill_(student_spread / max(spread, 1e-12))
-    return model

@@ -1,45 +1,24 @@
 """The student-teacher pair, the distillation loss and the anomaly map: pure torch, no I/O.
 
 One path turns normalised images into maps, `AnomalyMapModel`: networks -> per-level distances
--> upsampled level maps -> combined -> smoothed -> image scores. Prediction, validation scores,
-ONNX export and scripts/ablation.py all run it. Where the student's features disagree with the
-teacher's, the image is unlike the training images.
+-> upsampled level maps -> combined -> smoothed, and the image-level term from the teacher's
+pooled features. The torch runtime, training's validation and the ONNX export all run it. Where
+the student's features disagree with the teacher's, the image is unlike the training images.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gaussian
 from .errors import StpmError
-
-COMBINES = ("product", "sum")
-DISTANCES = ("cosine", "standardized")
-
-
-@dataclass(frozen=True)
-class MapSettings:
-    """How level maps become one anomaly map: size (H, W) in pixels, combine, smoothing sigma;
-    and how a level's features are compared, distance (see layer_distances)."""
-
-    size: tuple[int, int]
-    combine: str = "product"
-    sigma: float = 0.0
-    distance: str = "cosine"
-
-    def __post_init__(self) -> None:
-        if self.distance not in DISTANCES:
-            raise StpmError(f"distance must be 'cosine' or 'standardized', not {self.distance!r}")
-        if self.combine not in COMBINES:
-            raise StpmError(f"combine must be 'product' or 'sum', not {self.combine!r}")
-        if self.sigma < 0:
-            raise StpmError(f"the smoothing sigma must be 0 or more, not {self.sigma:g}")
+from .settings import COMBINES, MapSettings
 
 
 class FeatureScale(nn.Module):
@@ -107,35 +86,56 @@ class StudentTeacher(nn.Module):
 
 class AnomalyMapModel(nn.Module):
     """Normalised images (B, 3, H, W) -> anomaly maps (B, 1, H, W), image scores (B,) and the
-    image-level term in them (B,): score = the map's maximum + term.
+    image-level term in them (B,).
 
-    image_model: None (term 0), or a module from the teacher's features to the term
-    (stpm.gaussian.PooledGaussian).
+    The score output is stpm.scoring.image_scores written in torch, so that an ONNX export
+    carries it: the map's maximum + the term. Every stpm caller scores through stpm.scoring
+    from the maps and terms (letterboxed maps are unpadded first); tests hold the two equal.
+
+    image_model: None (term 0), or a module from the teacher's pooled features to the term
+    (stpm.gaussian.PooledGaussian). features_output: forward returns those pooled features too,
+    the image model's input (an ONNX export's fourth output, what the INT8 refit fits on).
     """
 
     def __init__(
-        self, network: StudentTeacher, settings: MapSettings, image_model: nn.Module | None = None
+        self,
+        network: StudentTeacher,
+        settings: MapSettings,
+        image_model: nn.Module | None = None,
+        features_output: bool = False,
     ) -> None:
         super().__init__()
         self.network = network
         self.settings = settings
         self.image_model = image_model
+        self.features_output = features_output  # forward also returns the pooled features
 
     def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-level distances upsampled to the map size: one (B, 1, H, W) per level."""
         return level_maps(*self.network(images), self.settings.size, self.settings.distance)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps, terms, features = self.run(images, pooled=self.features_output)
+        outputs = (maps, image_scores(maps) + terms, terms)
+        return (*outputs, features) if self.features_output else outputs
+
+    def run(
+        self, images: torch.Tensor, pooled: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(maps (B, 1, H, W), terms (B,), and with pooled=True the image model's input, the
+        teacher's pooled features (B, D); else None)."""
         teacher_features, student_features = self.network(images)
         levels = level_maps(
             teacher_features, student_features, self.settings.size, self.settings.distance
         )
         maps = finish_map(levels, self.settings)
+        wanted = pooled or self.image_model is not None
+        features = gaussian.pooled(teacher_features) if wanted else None
         if self.image_model is None:
             terms = maps.new_zeros(maps.shape[0])
         else:
-            terms = self.image_model(teacher_features)
-        return maps, image_scores(maps) + terms, terms
+            terms = self.image_model.term(features)
+        return maps, terms, features if pooled else None
 
 
 def layer_distances(
@@ -271,7 +271,7 @@ def anomaly_map(
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """Image score = maximum of its anomaly map: (B, 1, H, W) -> (B,)."""
+    """Each anomaly map's maximum: (B, 1, H, W) -> (B,)."""
     return maps.flatten(1).amax(dim=1)
 
 

@@ -25,13 +25,15 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import StpmError
 from .files import atomic_write
-from .model import MapSettings
+from .settings import MapSettings
 from .version import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "stpm-model"
 FORMAT_VERSION = 3
@@ -119,6 +121,8 @@ def load_untrusted(path: Path, what: str):
     Garbage makes torch's restricted unpickler fail in many ways (IndexError, KeyError, ...),
     so any exception here means the same thing to the user: not a readable file of ours.
     """
+    import torch
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "unusual pickle protocol" noise on garbage input
@@ -133,6 +137,8 @@ def read_model_file(
 ) -> tuple[ModelDescription, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """A `.pt` model file's description, the student's state dict and the image-level model's
     (None without one)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise StpmError(f"model file not found: {path}")
@@ -158,6 +164,8 @@ def write_model_file(
     image_model: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model file atomically (a crash leaves the old file or the new one)."""
+    import torch
+
     state = {
         **description.to_dict(),
         "student": {name: tensor.detach().cpu() for name, tensor in student.items()},

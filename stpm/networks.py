@@ -10,12 +10,16 @@ by `build_student(kind, teacher)`, always with random weights:
   - any other timm CNN name (e.g. "resnet18"): that network, cut at the teacher's strides.
 A student whose level widths differ from the teacher's gets a 1x1 projection per level, trained
 with it and saved in the model file with its other weights.
+
+`new_network` assembles a pair to train, `rebuild` a trained model from its file: the one place
+where a teacher, a student and their weights come together.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -24,9 +28,13 @@ from torch import nn
 
 from . import weights
 from .errors import StpmError
-from .model import FeatureScale
+from .gaussian import PooledGaussian
+from .model import AnomalyMapModel, FeatureScale, StudentTeacher
+from .modelfile import ModelDescription
+from .settings import STUDENT_KINDS
 
-STUDENT_KINDS = ("same", "slim")  # or the name of a timm CNN
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # a teacher's input normalisation when timm names none
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # timm's (channel, depth) multipliers of the EfficientNet-Lite family: "slim" halves the first
 LITE_MULTIPLIERS = {
     "tf_efficientnet_lite0": (1.0, 1.0),
@@ -66,8 +74,114 @@ def build_teacher(
     return drop_unused_blocks(teacher).eval().requires_grad_(False), fingerprint
 
 
-def student_exists(kind: str) -> bool:
-    return kind in STUDENT_KINDS or weights.backbone_exists(kind)
+def check_names(backbone: str, student: str) -> None:
+    """Refuse a backbone or a student kind timm does not know."""
+    if not weights.backbone_exists(backbone):
+        raise StpmError(f"unknown backbone {backbone!r}; any name from timm.list_models()")
+    if student not in STUDENT_KINDS and not weights.backbone_exists(student):
+        raise StpmError(
+            f"unknown student {student!r}; use {', '.join(STUDENT_KINDS)} or a timm CNN name"
+        )
+
+
+@dataclass
+class Built:
+    """A new pair and what a model file records of its teacher."""
+
+    network: StudentTeacher
+    out_indices: tuple[int, ...]
+    mean: tuple[float, ...]  # the teacher's input normalisation, per RGB channel, in [0, 1]
+    std: tuple[float, ...]
+    teacher: dict  # source (where its weights came from) and sha256 (of its tensors)
+
+
+def new_network(
+    backbone: str,
+    strides: Sequence[int],
+    student: str,
+    distance: str,
+    teacher_weights: str | Path | None = None,
+) -> Built:
+    """A teacher with its ImageNet weights and a student of the chosen kind with random weights
+    (drawn from torch's global generator)."""
+    out_indices = pyramid_indices(backbone, tuple(strides))
+    weights_file = weights.resolve_weights_file(backbone, teacher_weights)
+    teacher, fingerprint = build_teacher(backbone, out_indices, weights_file)
+    source = weights.describe_source(backbone, weights_file, teacher_weights)
+    return Built(
+        StudentTeacher(teacher, build_student(student, teacher, distance)),
+        out_indices,
+        tuple(teacher.pretrained_cfg.get("mean") or IMAGENET_MEAN),
+        tuple(teacher.pretrained_cfg.get("std") or IMAGENET_STD),
+        {"source": source, "sha256": fingerprint},
+    )
+
+
+def start_student(
+    network: StudentTeacher,
+    state: dict[str, torch.Tensor] | None,
+    share: bool,
+    pruned: bool = True,
+) -> list[str]:
+    """Give the student the values of state (a trained student; None: keep its random weights),
+    first its shapes where it may be pruned (stpm.compress), and with share the teacher's own
+    stem; returns the shared modules' names (share_stem)."""
+    if state is not None:
+        if pruned:
+            resize_like(network.student, state)
+        network.student.load_state_dict(state)
+    return share_stem(network.student, network.teacher) if share else []
+
+
+def rebuild(
+    description: ModelDescription,
+    student_state: dict[str, torch.Tensor],
+    image_state: dict[str, torch.Tensor] | None,
+    path: str | Path,
+    teacher_weights: str | Path | None = None,
+    force: bool = False,
+) -> AnomalyMapModel:
+    """A trained model from its file's parts; refuses weights of another teacher than this
+    machine's (force: load anyway) and a student that does not fit."""
+    source = description.teacher["source"]
+    if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
+        teacher_weights = source[5:]
+    weights_file = weights.resolve_weights_file(description.backbone, teacher_weights)
+    teacher, fingerprint = build_teacher(
+        description.backbone, tuple(description.out_indices), weights_file
+    )
+    try:
+        student = build_student(description.student_kind, teacher, description.distance)
+    except StpmError as error:
+        raise StpmError(
+            f"{path}: student weights do not fit {description.backbone} ({error})"
+        ) from None
+    known = student.state_dict().keys()  # files of stpm < 0.1 also hold the unused blocks
+    network = StudentTeacher(teacher, student)
+    try:
+        shared = start_student(
+            network,
+            {k: v for k, v in student_state.items() if k in known},
+            share=bool(description.shared_layers),
+            pruned=bool(description.pruning),
+        )
+    except RuntimeError:
+        raise StpmError(f"{path}: student weights do not fit {description.backbone}") from None
+    if shared != description.shared_layers:
+        raise StpmError(f"{path}: its shared layers do not fit {description.backbone}")
+    if fingerprint != description.teacher["sha256"] and not force:
+        here = weights.describe_source(description.backbone, weights_file, teacher_weights)
+        raise StpmError(
+            f"{path} was trained with other teacher weights ({source}, sha256 "
+            f"{description.teacher['sha256'][:12]}) than this machine has ({here}, "
+            f"{fingerprint[:12]}); its scores would be meaningless. Pass the right "
+            "--teacher-weights, or --force"
+        )
+    image_model = None
+    if image_state is not None:
+        image_model = PooledGaussian(len(image_state["mean"]))
+        image_model.load_state_dict(image_state)
+    return AnomalyMapModel(network, description.map_settings(), image_model)
 
 
 def build_student(kind: str, teacher: nn.Module, distance: str = "cosine") -> nn.Module:

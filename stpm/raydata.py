@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .detector import STPM, Prediction
+from .detector import STPM
 from .errors import StpmError
 from .runtime import default_threads
+from .scoring import Prediction
 
 # what RayScorer adds to each row, and its numpy type
 RESULT_COLUMNS = {

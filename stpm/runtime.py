@@ -1,9 +1,10 @@
 """Runtimes: what turns normalised images into anomaly maps, with torch, ONNX Runtime or OpenVINO.
 
 Every runtime is a callable with one contract: float32 (B, 3, H, W) normalised images, as
-numpy, -> (float32 (B, 1, H, W) anomaly maps, float32 (B,) image terms), as numpy: an image's
-score is its map's maximum plus its term (0 without an image-level model, stpm.gaussian); plus
-`description` (the model's
+numpy, -> Outputs: float32 (B, 1, H, W) anomaly maps and float32 (B,) image terms (0 without an
+image-level model, stpm.gaussian), plus, when asked for with pooled=True, the teacher's pooled
+features (B, D) that the image model reads (what the INT8 refit fits on). How maps and terms
+become a score is stpm.scoring's business. A runtime also has `description` (the model's
 ModelDescription), `name` and `threads`. The estimator holds one and knows nothing else about
 it, so a new runtime is a new class here and a name in `open_runtime`.
 
@@ -12,40 +13,52 @@ it, so a new runtime is a new class here and a name in `open_runtime`.
 - "openvino": the same `.onnx` file through OpenVINO (`pip install "stpm[openvino]"`). On CPUs
   with BF16 arithmetic OpenVINO would compute in BF16 unless told otherwise; we ask for f32 by
   default (the maps then match the other runtimes) and record what it actually compiled to.
+
+Only the torch runtime imports torch (and timm): scoring an exported file needs neither.
+Every runtime may be called from several threads at once (OpenVINO's serialises them per batch
+size, see OpenVinoRuntime).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from . import networks, weights
 from .errors import StpmError
-from .gaussian import PooledGaussian
-from .model import AnomalyMapModel, StudentTeacher
-from .modelfile import ModelDescription, description_from_onnx_metadata, read_model_file
+from .modelfile import ONNX_METADATA_KEY, ModelDescription, description_from_onnx_metadata
 
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
-OUTPUTS = ("anomaly_map", "image_term")  # the graph outputs a runtime reads, in this order
+# the graph outputs a runtime reads: maps, terms, and on request the image model's input
+MAP, TERM, POOLED = "anomaly_map", "image_term", "pooled_features"
 PRECISIONS = ("f32", "bf16")
 # A 256 px map network is a few dozen layers of a few million multiply-adds each: split over
 # more than about 8 threads, a single image spends more time synchronising than computing.
 MAX_DEFAULT_THREADS = 8
 
 
+@dataclass
+class Outputs:
+    """What a runtime returns for a batch of B images."""
+
+    maps: np.ndarray  # float32 (B, 1, H, W) anomaly maps at the input size
+    terms: np.ndarray  # float32 (B,) image-level terms
+    pooled: np.ndarray | None = None  # float32 (B, D) the teacher's pooled features, on request
+
+
 class Runtime(Protocol):
-    """Normalised images (B, 3, H, W) -> (anomaly maps (B, 1, H, W), image terms (B,)), float32."""
+    """Normalised images (B, 3, H, W) float32 -> Outputs."""
 
     name: str
     description: ModelDescription
     threads: int
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs: ...
 
 
 def default_threads() -> int:
@@ -72,8 +85,10 @@ def _physical_cores(cpus: list[int]) -> set:
     return cores
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str):
     """'auto' (a GPU if there is one), 'cpu', 'cuda' or 'cuda:N' -> a torch device."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -86,32 +101,63 @@ def resolve_device(device: str) -> torch.device:
 
 
 class TorchRuntime:
-    """The torch network and map; the only runtime that can train further, save and export."""
+    """The torch network and map (stpm.model.AnomalyMapModel); the only runtime that can train
+    further, save and export.
+
+    threads: torch's intra-op threads. torch has one pool per process: setting it here sets it
+    for the whole process (the last setting wins), so it is set only when asked for.
+    """
 
     name = "torch"
 
-    def __init__(
-        self,
-        model: AnomalyMapModel,
-        description: ModelDescription,
-        device: torch.device,
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, model, description: ModelDescription, device, threads: int | None = None):
+        import torch
+
         self.model = model.to(device).eval()
         self.description = description
         self.device = device
-        if threads:  # torch's pool is per process: set only when asked, the last setting wins
+        if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
 
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, _, terms = self.model(torch.from_numpy(images).to(self.device))
-        return maps.float().cpu().numpy(), terms.float().cpu().numpy()
+    @property
+    def student(self):
+        """The student network (torch.nn.Module): what training changes and the file stores."""
+        return self.model.network.student
+
+    def with_map(self, combine: str, smoothing_sigma: float) -> TorchRuntime:
+        """The same networks with their level maps combined and smoothed another way."""
+        from .model import AnomalyMapModel
+        from .settings import MapSettings
+
+        size = tuple(self.description.image_size)
+        settings = MapSettings(size, combine, smoothing_sigma, self.description.distance)
+        model = AnomalyMapModel(self.model.network, settings, self.model.image_model)
+        description = replace(self.description, combine=combine, smoothing_sigma=smoothing_sigma)
+        return TorchRuntime(model, description, self.device)
+
+    def weights(self) -> tuple[dict, dict | None]:
+        """The model file's tensors: the student's state dict and the image model's (or None)."""
+        image_model = self.model.image_model
+        return self.student.state_dict(), None if image_model is None else image_model.state_dict()
+
+    def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs:
+        import torch
+
+        with torch.inference_mode():
+            maps, terms, features = self.model.run(
+                torch.from_numpy(images).to(self.device), pooled=pooled
+            )
+            return Outputs(
+                maps.float().cpu().numpy(),
+                terms.float().cpu().numpy(),
+                None if features is None else features.float().cpu().numpy(),
+            )
 
 
 class OnnxRuntime:
-    """An stpm-export ONNX file on ONNX Runtime (CPU unless providers say otherwise)."""
+    """An stpm-export ONNX file on ONNX Runtime (CPU unless providers say otherwise). Its
+    InferenceSession runs concurrent calls."""
 
     name = "onnxruntime"
 
@@ -136,14 +182,15 @@ class OnnxRuntime:
         self.description = description_from_onnx_metadata(metadata, path)
         self.path = Path(path)
         warn_if_int8_saturates(self.path, self.description)
-        # exports before the image term have no such output: their term is 0
-        self.outputs = [o.name for o in self.session.get_outputs() if o.name in OUTPUTS]
+        # exports before the image term have no such output (their term is 0), exports before
+        # the refit's features none of those
+        self.outputs = {o.name for o in self.session.get_outputs()}
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        found = self.session.run(self.outputs, {"images": images})
-        maps = found[0]
-        terms = found[1] if len(found) > 1 else np.zeros(len(maps), np.float32)
-        return maps, terms
+    def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs:
+        names = [name for name in (MAP, TERM) if name in self.outputs]
+        names += [_pooled_output(self.outputs, self.path)] if pooled else []
+        found = dict(zip(names, self.session.run(names, {"images": images}), strict=True))
+        return _outputs(found, pooled)
 
 
 class OpenVinoRuntime:
@@ -151,7 +198,10 @@ class OpenVinoRuntime:
 
     The graph is compiled for each batch size it meets (batch 1 at once), with the shape fixed:
     on a dynamic batch dimension OpenVINO ran the default model 11% slower (29 against 26 ms
-    per image on one core). A new batch size costs one compilation, about as long as loading.
+    per image on one core). A new batch size costs one compilation, about as long as loading;
+    `warm(sizes)` pays it before the first image. Each compiled batch size has one infer
+    request, which runs one call at a time: concurrent calls of the same size wait for each
+    other (the request's threads already use the cores), calls of other sizes do not.
     """
 
     name = "openvino"
@@ -175,46 +225,81 @@ class OpenVinoRuntime:
         self.path = Path(path)
         if not self.path.is_file():
             raise StpmError(f"model file not found: {path}")
-        self.description = _onnx_description(self.path)
-        warn_if_int8_saturates(self.path, self.description)
         self.core, self.device = ov.Core(), device
+        try:
+            self.graph = self.core.read_model(str(path))
+        except RuntimeError as error:
+            raise StpmError(f"{path}: OpenVINO cannot read it ({str(error)[:200]})") from None
+        self.description = description_from_onnx_metadata(_openvino_metadata(self.graph), path)
+        warn_if_int8_saturates(self.path, self.description)
         self.config = {
             "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
         }
-        try:
-            self.graph = self.core.read_model(str(path))
-        except RuntimeError as error:
-            raise StpmError(f"{path}: OpenVINO cannot read it ({str(error)[:200]})") from None
-        self.requests: dict[int, object] = {}
+        self.outputs = {name for output in self.graph.outputs for name in output.get_names()}
+        self.requests: dict[int, tuple] = {}
+        self.compiling = threading.Lock()
         self.precision = self._request(1)[1]
 
-    def _request(self, batch: int) -> tuple:
-        """(infer request, compiled precision) for this batch size, compiled on first use."""
-        if batch not in self.requests:
-            graph = self.graph.clone()
-            graph.reshape([batch, 3, *self.description.image_size])
-            try:
-                compiled = self.core.compile_model(graph, self.device, self.config)
-            except RuntimeError as error:
-                raise StpmError(
-                    f"{self.path}: OpenVINO cannot compile it ({str(error)[:200]})"
-                ) from None
-            precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-            names = [output.get_any_name() for output in compiled.outputs]
-            outputs = [names.index(name) for name in OUTPUTS if name in names]
-            self.requests[batch] = (compiled.create_infer_request(), str(precision), outputs)
-        return self.requests[batch]
+    def warm(self, batch_sizes) -> None:
+        """Compile the graph for these batch sizes now, not at their first call."""
+        for batch in batch_sizes:
+            self._request(batch)
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        request, _, outputs = self._request(len(images))
-        request.infer({0: images}, share_inputs=True)  # reads the contiguous batch in place
-        # copies: the buffers are reused next call
-        maps = request.get_output_tensor(outputs[0]).data.copy()
-        if len(outputs) > 1:
-            return maps, request.get_output_tensor(outputs[1]).data.copy()
-        return maps, np.zeros(len(maps), np.float32)
+    def _request(self, batch: int) -> tuple:
+        """(infer request, compiled precision, output indices by name, its lock) for this batch
+        size, compiled on first use."""
+        with self.compiling:
+            if batch not in self.requests:
+                self.requests[batch] = self._compile(batch)
+            return self.requests[batch]
+
+    def _compile(self, batch: int) -> tuple:
+        graph = self.graph.clone()
+        graph.reshape([batch, 3, *self.description.image_size])
+        try:
+            compiled = self.core.compile_model(graph, self.device, self.config)
+        except RuntimeError as error:
+            raise StpmError(
+                f"{self.path}: OpenVINO cannot compile it ({str(error)[:200]})"
+            ) from None
+        precision = str(compiled.get_property("INFERENCE_PRECISION_HINT").to_string())
+        names = {
+            name: index for index, output in enumerate(compiled.outputs) for name in output.names
+        }
+        return compiled.create_infer_request(), precision, names, threading.Lock()
+
+    def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs:
+        request, _, names, busy = self._request(len(images))
+        wanted = [name for name in (MAP, TERM) if name in names]
+        wanted += [_pooled_output(names, self.path)] if pooled else []
+        with busy:
+            request.infer({0: images}, share_inputs=True)  # reads the contiguous batch in place
+            # copies: the buffers are reused by the next call
+            found = {name: request.get_output_tensor(names[name]).data.copy() for name in wanted}
+        return _outputs(found, pooled)
+
+
+def _pooled_output(outputs, path: Path) -> str:
+    if POOLED not in outputs:
+        raise StpmError(
+            f"{path} has no {POOLED} output (exported without an image model, or by stpm < 0.4)"
+        )
+    return POOLED
+
+
+def _outputs(found: dict[str, np.ndarray], pooled: bool) -> Outputs:
+    maps = found[MAP]
+    terms = found.get(TERM, np.zeros(len(maps), np.float32))
+    return Outputs(maps, terms, found[POOLED] if pooled else None)
+
+
+def _openvino_metadata(graph) -> dict[str, str]:
+    """The ONNX file's metadata as OpenVINO's reader keeps it: rt_info["framework"][key]."""
+    if not graph.has_rt_info(["framework", ONNX_METADATA_KEY]):
+        return {}
+    return {ONNX_METADATA_KEY: graph.get_rt_info(["framework", ONNX_METADATA_KEY]).astype(str)}
 
 
 def has_vnni() -> bool:
@@ -253,17 +338,6 @@ def warn_if_int8_saturates(path: Path, description: ModelDescription) -> None:
     )
 
 
-def _onnx_description(path: Path) -> ModelDescription:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf's DecodeError and friends
-        raise StpmError(f"{path}: not a usable ONNX model ({str(error)[:200]})") from None
-    metadata = {entry.key: entry.value for entry in model.metadata_props}
-    return description_from_onnx_metadata(metadata, path)
-
-
 def load_torch(
     path: str | Path,
     device: str = "auto",
@@ -272,46 +346,11 @@ def load_torch(
     force: bool = False,
 ) -> TorchRuntime:
     """A `.pt` model file on torch; refuses a file whose teacher differs from this machine's."""
+    from . import networks
+    from .modelfile import read_model_file
+
     description, student_state, image_state = read_model_file(path)
-    source = description.teacher["source"]
-    if teacher_weights is None and source.startswith("file:") and Path(source[5:]).is_file():
-        teacher_weights = source[5:]
-    weights_file = weights.resolve_weights_file(description.backbone, teacher_weights)
-    teacher, fingerprint = networks.build_teacher(
-        description.backbone, tuple(description.out_indices), weights_file
-    )
-    try:
-        student = networks.build_student(description.student_kind, teacher, description.distance)
-    except StpmError as error:
-        raise StpmError(
-            f"{path}: student weights do not fit {description.backbone} ({error})"
-        ) from None
-    known = student.state_dict().keys()  # files of stpm < 0.1 also hold the unused blocks
-    student_state = {k: v for k, v in student_state.items() if k in known}
-    try:
-        if description.pruning:  # the pruned shapes are the tensors' (stpm.compress)
-            networks.resize_like(student, student_state)
-        student.load_state_dict(student_state)
-    except RuntimeError:
-        raise StpmError(f"{path}: student weights do not fit {description.backbone}") from None
-    # shared layers: the teacher's own modules, not the file's copy of them
-    shared = networks.share_stem(student, teacher) if description.shared_layers else []
-    if shared != description.shared_layers:
-        raise StpmError(f"{path}: its shared layers do not fit {description.backbone}")
-    if fingerprint != description.teacher["sha256"] and not force:
-        here = weights.describe_source(description.backbone, weights_file, teacher_weights)
-        raise StpmError(
-            f"{path} was trained with other teacher weights ({source}, sha256 "
-            f"{description.teacher['sha256'][:12]}) than this machine has ({here}, "
-            f"{fingerprint[:12]}); its scores would be meaningless. Pass the right "
-            "--teacher-weights, or --force"
-        )
-    image_model = None
-    if image_state is not None:
-        image_model = PooledGaussian(len(image_state["mean"]))
-        image_model.load_state_dict(image_state)
-    network = StudentTeacher(teacher, student)
-    model = AnomalyMapModel(network, description.map_settings(), image_model)
+    model = networks.rebuild(description, student_state, image_state, path, teacher_weights, force)
     return TorchRuntime(model, description, resolve_device(device), threads)
 
 

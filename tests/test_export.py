@@ -11,8 +11,9 @@ import onnx
 import pytest
 
 from stpm import STPM, StpmError, data
+from stpm.calibration import split_validation
 from stpm.cli import export_main, predict_main
-from stpm.export import compare, export_onnx
+from stpm.export import compare, export_model
 from stpm.model import _blur_matrix
 from stpm.runtime import OnnxRuntime
 
@@ -22,7 +23,7 @@ def exported(trained, tmp_path_factory):
     model, _ = trained
     _blur_matrix.cache_clear()  # the export must not depend on what ran before it
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    return export_onnx(model.runtime_.model, model.describe(), path)
+    return export_model(model.runtime_, path, check=False).path
 
 
 def test_onnx_runtime_gives_the_torch_maps_and_verdicts(trained, exported, category):
@@ -44,7 +45,7 @@ def test_each_map_option_survives_export(trained, category, tmp_path, combine, s
     model = STPM.load(run_dir / "model.pt", device="cpu")
     validation = [Path(path) for path in _validation(run_dir)]
     model.set_map(combine, sigma, validation)
-    path = export_onnx(model.runtime_.model, model.describe(), tmp_path / "model.onnx")
+    path = export_model(model.runtime_, tmp_path / "model.onnx", check=False).path
     exported = STPM.load(path)
     assert (exported.combine, exported.smoothing_sigma) == (combine, sigma)
     images = np.random.default_rng(1).integers(0, 256, (3, *model.input_size_, 3), dtype=np.uint8)
@@ -59,7 +60,7 @@ def test_batch_size_is_dynamic(trained, exported):
     model, _ = trained
     images = np.random.default_rng(0).integers(0, 256, (5, *model.input_size_, 3), dtype=np.uint8)
     # batches of 2, 2 and 1 through one graph
-    check = compare(model.runtime_, OnnxRuntime(exported), images, model.mean_, model.std_, 2)
+    check = compare(model.runtime_, OnnxRuntime(exported), images, 2)
     assert check["images"] == 5 and check["max_abs_map_difference"] < 1e-4
 
 
@@ -95,7 +96,7 @@ def test_int8_export_quantises_convolutions_and_keeps_the_map_fp32(trained, cate
         if node.op_type in ("Sub", "Mul", "Resize", "ReduceMax"):
             assert not set(node.input) & quantized_inputs, node.name
     runtime = STPM.load(out)
-    images = data.load_resized(data.train_images(category)[:4], runtime.input_size_).numpy()
+    images = data.load_resized(data.train_images(category)[:4], runtime.input_size_)
     assert runtime.anomaly_maps(images).shape == (4, 1, *runtime.input_size_)
 
 
@@ -115,3 +116,17 @@ def test_bad_onnx_files_are_refused_in_one_line(trained, exported, tmp_path):
         STPM.load(exported).save(tmp_path / "again.pt")
     with pytest.raises(StpmError, match="onnxruntime or openvino"):
         STPM.load(exported, runtime="torch")
+
+
+def test_int8_refit_fits_the_term_and_threshold_on_the_files_own_scores(
+    trained, category, tmp_path
+):
+    model, _ = trained
+    exported = export_model(model.runtime_, tmp_path / "int8.onnx", category, int8=True, images=8)
+    loaded = STPM.load(exported.path)
+    assert loaded.runtime_.description.int8["refitted"] is True
+    assert loaded.threshold_ == pytest.approx(exported.threshold)
+    assert exported.threshold_before == model.threshold_
+    _, validation = split_validation(data.train_images(category), 0.25, 0)
+    scores = [prediction.score for _, prediction in loaded.predict_iter(validation)]
+    assert scores == pytest.approx(loaded.validation_scores_, abs=1e-4)

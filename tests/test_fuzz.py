@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from stpm import STPM, StpmError, data
+from stpm import STPM, StpmError, scoring
 
 TRIED: Counter = Counter()
 FAST = settings(
@@ -31,7 +31,7 @@ def load(tmp_path, content: bytes, suffix: str = ".png"):
     path = tmp_path / f"fuzz{suffix}"
     path.write_bytes(content)
     try:
-        image = data.read_image(path)
+        image = scoring.read_image(path)
     except StpmError:
         return None
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
@@ -89,9 +89,9 @@ def test_truncated_and_misnamed_files(tmp_path, pixels, extension, cut, wrong_su
 @given(width=st.sampled_from([1, 7, 20000, 65535]), height=st.sampled_from([1, 9, 20000]))
 def test_headers_of_any_size_without_data(tmp_path, width, height):
     TRIED["crafted headers"] += 1
-    if width * height > data.MAX_IMAGE_PIXELS:
+    if width * height > scoring.MAX_IMAGE_PIXELS:
         with pytest.raises(StpmError, match="over the limit"):
-            data.read_image(_write(tmp_path, png_header(width, height)))
+            scoring.read_image(_write(tmp_path, png_header(width, height)))
     else:
         assert load(tmp_path, png_header(width, height)) is None  # no pixel data: unreadable
 
@@ -114,7 +114,7 @@ def test_one_by_one_and_huge_dimensions(tmp_path):
     TRIED["pixel formats"] += 1
     assert load(tmp_path, encoded(np.zeros((1, 1), np.uint8), ".png")).shape == (1, 1, 3)
     with pytest.raises(StpmError, match="over the limit"):
-        data.read_image(_write(tmp_path, png_header(20000, 20000)))
+        scoring.read_image(_write(tmp_path, png_header(20000, 20000)))
 
 
 @FAST

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from stpm import STPM, StpmError, data
-from stpm.export import export_onnx
+from stpm import STPM, StpmError, scoring
+from stpm.export import export_model
 
 from .conftest import TINY
 
@@ -17,24 +17,26 @@ from .conftest import TINY
     [((100, 200), (16, 0, 32, 64)), ((200, 100), (0, 16, 64, 32)), ((50, 50), (0, 0, 64, 64))],
 )
 def test_a_letterboxed_image_keeps_its_aspect_and_is_centred(shape, box):
-    assert data.letterbox_box(shape, (64, 64)) == box
+    assert scoring.letterbox_box(shape, (64, 64)) == box
     image = np.full((*shape, 3), 200, np.uint8)
-    boxed = data.resize(image, (64, 64), "letterbox")
+    boxed = scoring.resize(image, (64, 64), "letterbox")
     top, left, height, width = box
     assert boxed.shape == (64, 64, 3)
     assert (boxed[top : top + height, left : left + width] == 200).all()
     assert boxed.sum() == 200 * 3 * height * width  # the rest is black padding
-    assert np.array_equal(data.resize(image, (64, 64)), data.resize(image, (64, 64), "squash"))
+    assert np.array_equal(
+        scoring.resize(image, (64, 64)), scoring.resize(image, (64, 64), "squash")
+    )
 
 
 def test_unletterboxing_gives_the_map_a_squashed_image_would_have():
     """A map that is a function of position in the part comes back as the squashed one."""
     rows = np.linspace(0, 1, 120, dtype=np.float32)[:, None] * np.ones((1, 300), np.float32)
-    squashed = data.resize_map(rows, (64, 64))
-    top, left, height, width = data.letterbox_box(rows.shape, (64, 64))
+    squashed = scoring.resize_map(rows, (64, 64))
+    top, left, height, width = scoring.letterbox_box(rows.shape, (64, 64))
     boxed = np.zeros((64, 64), np.float32)
-    boxed[top : top + height, left : left + width] = data.resize_map(rows, (height, width))
-    assert np.abs(data.unletterbox_map(boxed, rows.shape) - squashed).max() < 0.05
+    boxed[top : top + height, left : left + width] = scoring.resize_map(rows, (height, width))
+    assert np.abs(scoring.unletterbox_map(boxed, rows.shape) - squashed).max() < 0.05
 
 
 def _oblong_category(square, root):
@@ -60,7 +62,7 @@ def test_a_letterbox_model_trains_reloads_exports_and_scores_the_part_only(categ
     assert prediction.anomaly_map.shape == (80, 48)
     images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in validation]
     torch_maps = loaded.anomaly_maps(images, resize=True)
-    path = export_onnx(loaded.runtime_.model, loaded.describe(), tmp_path / "model.onnx")
+    path = export_model(loaded.runtime_, tmp_path / "model.onnx", check=False).path
     exported = STPM.load(path)
     assert exported.resize_mode == "letterbox"
     assert np.abs(exported.anomaly_maps(images, resize=True) - torch_maps).max() < 1e-4

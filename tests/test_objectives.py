@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from stpm import STPM, StpmError, corruptions, data
-from stpm.export import export_onnx
+from stpm import STPM, StpmError, corruptions, scoring
+from stpm.export import export_model
 
 from .conftest import TINY
 
@@ -31,7 +31,9 @@ def test_corruptions_are_deterministic_under_their_key_and_leave_the_input_alone
 
 
 def _validation_images(model) -> list:
-    return [data.resize(data.read_image(p), model.input_size_) for p in model.validation_images_]
+    return [
+        scoring.resize(scoring.read_image(p), model.input_size_) for p in model.validation_images_
+    ]
 
 
 @pytest.mark.parametrize(
@@ -84,10 +86,10 @@ def test_each_objective_learns_and_sees_corruptions(category, tmp_path, monkeypa
     loaded = STPM.load(tmp_path / "run" / "model.pt", device="cpu")
     for name in ("denoise", "hard_quantile", "selection", "distance"):
         assert getattr(loaded, name) == getattr(model, name)
-    trained_scale = model.runtime_.model.network.student.state_dict()
-    for key, value in loaded.runtime_.model.network.student.state_dict().items():
+    trained_scale = model.runtime_.student.state_dict()
+    for key, value in loaded.runtime_.student.state_dict().items():
         assert torch.equal(value, trained_scale[key])  # the feature scale included
-    path = export_onnx(loaded.runtime_.model, loaded.describe(), tmp_path / "model.onnx")
+    path = export_model(loaded.runtime_, tmp_path / "model.onnx", check=False).path
     exported = STPM.load(path)
     assert np.abs(exported.anomaly_maps(dirty) - loaded.anomaly_maps(dirty)).max() < 1e-4
 

