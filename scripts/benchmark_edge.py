@@ -73,16 +73,16 @@ def export(name: str, model: Path, data: Path, work: Path) -> Variant:
 
 def sizes(model: Path) -> dict:
     """Parameters (teacher, student, image model) and GFLOP per image of a model.pt."""
-    import numpy as np
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from stpm import STPM
 
     detector = STPM.load(model, runtime="torch", device="cpu")
-    image = np.zeros((1, 3, *detector.input_size_), np.float32)
-    with FlopCounterMode(display=False) as counter:
-        detector.runtime_(image)  # the torch runtime: torch operations, counted
-    graph = detector.runtime_.model  # teacher, student and image model
+    graph = detector.runtime_.model  # teacher, student and image model: the torch graph
+    image = torch.zeros((1, 3, *detector.input_size_))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        graph(image)
     unique = {id(p): p for p in graph.parameters()}  # a shared stem counts once
     student = {id(p): p for p in detector.runtime_.student.parameters()}
     teacher = {id(p) for p in graph.network.teacher.parameters()}
@@ -101,6 +101,7 @@ def our_jobs(
     jobs = []
     script = str(benchkit.SCRIPTS / "benchmark_speed.py")
     common = ["--data", str(args.data), "--threads", str(args.threads)]
+    common += ["--limit", str(args.limit)] if args.limit else []
     for index, variant in enumerate(variants):
         paths = dict(PATHS)
         if index == 0:  # the reference, also on torch: "our FP32 torch path"
@@ -139,9 +140,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="times every path is timed, round-robin"
     )
+    parser.add_argument("--limit", type=int, help="N test images spread over the set (smoke test)")
     args = parser.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
-    args.limit = None
     args.bf16 = False
     models = dict(item.split("=", 1) for item in args.model)
     variants = [

@@ -128,7 +128,6 @@ def export_ours(model: Path, category: Path, work: Path) -> dict[str, Path]:
 
 def flops_per_image(model_path: Path) -> dict:
     """Counted FLOPs of one image: our map model, and anomalib's (whole backbones, twice)."""
-    import numpy as np
     import timm
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -137,9 +136,9 @@ def flops_per_image(model_path: Path) -> dict:
     from stpm.networks import pyramid_indices
 
     detector = STPM.load(model_path, runtime="torch", device="cpu")
-    image = np.zeros((1, 3, *detector.input_size_), np.float32)
-    with FlopCounterMode(display=False) as counter:
-        detector.runtime_(image)  # the torch runtime: torch operations, counted
+    image = torch.zeros((1, 3, *detector.input_size_))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        detector.runtime_.model(image)  # the torch graph (inference mode hides it from the counter)
     ours = counter.get_total_flops()
     # anomalib's Stfpm compares strides 4/8/16, but timm's EfficientNet feature extractor runs
     # every block whatever the levels asked for: its teacher and student are whole backbones

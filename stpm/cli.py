@@ -517,31 +517,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 @_friendly
 def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="stpm-export",
-        description="Export a model to one ONNX graph (image -> anomaly map and score) for ONNX "
-        "Runtime or OpenVINO, FP32 or INT8, checked against the torch model on defect-free images.",
-    )
-    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
-    _add_data_arguments(parser)
-    parser.add_argument("--out", type=Path, help="ONNX file (default: beside the model)")
-    parser.add_argument(
-        "--int8", action="store_true", help="static INT8, calibrated on train/good images"
-    )
-    parser.add_argument(
-        "--images", type=int, default=64, help="train/good images to calibrate and compare on"
-    )
-    parser.add_argument(
-        "--reduce-range",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="INT8: 7-bit weights, for CPUs without VNNI (whose 8-bit arithmetic saturates); "
-        "auto: what this CPU needs. Export on the kind of CPU that will run the file",
-    )
-    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
-    parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
-    args = parser.parse_args(argv)
+    args = _export_parser().parse_args(argv)
     from . import export
 
     model_path = args.model or runs.latest_model()
@@ -573,36 +549,40 @@ def export_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stpm-export",
+        description="Export a model to one ONNX graph (image -> anomaly map and score) for ONNX "
+        "Runtime or OpenVINO, FP32 or INT8, checked against the torch model on defect-free images.",
+    )
+    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
+    _add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, help="ONNX file (default: beside the model)")
+    parser.add_argument(
+        "--int8", action="store_true", help="static INT8, calibrated on train/good images"
+    )
+    parser.add_argument(
+        "--images", type=int, default=64, help="train/good images to calibrate and compare on"
+    )
+    parser.add_argument(
+        "--reduce-range",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="INT8: 7-bit weights, for CPUs without VNNI (whose 8-bit arithmetic saturates); "
+        "auto: what this CPU needs. Export on the kind of CPU that will run the file",
+    )
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
+    parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
+    return parser
+
+
 # ---------------------------------------------------------------------- stpm-compress
 
 
 @_friendly
 def compress_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="stpm-compress",
-        description="Make a trained model's student smaller (structured pruning, a stem shared "
-        "with the teacher) and fine-tune it by distillation; writes a new run folder. Export it "
-        "with stpm-export --int8 for the compact INT8 model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("run", type=Path, metavar="RUN_DIR", help="a run folder (or its model.pt)")
-    _add_data_arguments(parser)
-    parser.add_argument(
-        "--prune", type=float, help="share of each block's expansion channels to remove, e.g. 0.5"
-    )
-    parser.add_argument(
-        "--share-stem", action="store_true", help="the student reuses the teacher's frozen stem"
-    )
-    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
-    parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's)")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        help="fine-tuning seed; it also picks the validation images (default: the run's)",
-    )
-    parser.add_argument("--out", type=Path, help="new run folder (default: beside RUN_DIR)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    args = parser.parse_args(argv)
+    args = _compress_parser().parse_args(argv)
 
     model_path = args.run / "model.pt" if args.run.is_dir() else args.run
     if not model_path.is_file():
@@ -636,6 +616,34 @@ def compress_main(argv: list[str] | None = None) -> int:
     if detector.shared_layers_:
         print(f"shared with the teacher: {', '.join(detector.shared_layers_)}")
     return _report_training(detector, run_dir)
+
+
+def _compress_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stpm-compress",
+        description="Make a trained model's student smaller (structured pruning, a stem shared "
+        "with the teacher) and fine-tune it by distillation; writes a new run folder. Export it "
+        "with stpm-export --int8 for the compact INT8 model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("run", type=Path, metavar="RUN_DIR", help="a run folder (or its model.pt)")
+    _add_data_arguments(parser)
+    parser.add_argument(
+        "--prune", type=float, help="share of each block's expansion channels to remove, e.g. 0.5"
+    )
+    parser.add_argument(
+        "--share-stem", action="store_true", help="the student reuses the teacher's frozen stem"
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="fine-tuning seed; it also picks the validation images (default: the run's)",
+    )
+    parser.add_argument("--out", type=Path, help="new run folder (default: beside RUN_DIR)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser
 
 
 def _export_data(args: argparse.Namespace, model_path: Path) -> Path:

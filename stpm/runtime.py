@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -59,6 +60,17 @@ class Runtime(Protocol):
     threads: int
 
     def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs: ...
+
+    def warm(self, batch_sizes: Iterable[int]) -> None:
+        """Get ready for these batch sizes now, so that no image pays for it later."""
+
+
+def _warm(runtime: Runtime, batch_sizes: Iterable[int]) -> None:
+    """One run of each batch size on blank images: what a first call pays (memory arenas,
+    kernel choices, OpenVINO's compilation) is paid here."""
+    size = runtime.description.image_size
+    for batch in sorted(set(batch_sizes)):
+        runtime(np.zeros((batch, 3, *size), np.float32))
 
 
 def default_threads() -> int:
@@ -136,6 +148,9 @@ class TorchRuntime:
         description = replace(self.description, combine=combine, smoothing_sigma=smoothing_sigma)
         return TorchRuntime(model, description, self.device)
 
+    def warm(self, batch_sizes: Iterable[int]) -> None:
+        _warm(self, batch_sizes)
+
     def weights(self) -> tuple[dict, dict | None]:
         """The model file's tensors: the student's state dict and the image model's (or None)."""
         image_model = self.model.image_model
@@ -186,6 +201,9 @@ class OnnxRuntime:
         # the refit's features none of those
         self.outputs = {o.name for o in self.session.get_outputs()}
 
+    def warm(self, batch_sizes: Iterable[int]) -> None:
+        _warm(self, batch_sizes)
+
     def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs:
         names = [name for name in (MAP, TERM) if name in self.outputs]
         names += [_pooled_output(self.outputs, self.path)] if pooled else []
@@ -199,9 +217,11 @@ class OpenVinoRuntime:
     The graph is compiled for each batch size it meets (batch 1 at once), with the shape fixed:
     on a dynamic batch dimension OpenVINO ran the default model 11% slower (29 against 26 ms
     per image on one core). A new batch size costs one compilation, about as long as loading;
-    `warm(sizes)` pays it before the first image. Each compiled batch size has one infer
-    request, which runs one call at a time: concurrent calls of the same size wait for each
-    other (the request's threads already use the cores), calls of other sizes do not.
+    `warm(sizes)` pays it before the first image. A batch smaller than a size compiled already
+    is padded to it instead (a folder's last, partial batch: a few images' work, not a second
+    of compiling). Each compiled batch size has one infer request, which runs one call at a
+    time: concurrent calls of the same size wait for each other (the request's threads already
+    use the cores), calls of other sizes do not.
     """
 
     name = "openvino"
@@ -242,18 +262,22 @@ class OpenVinoRuntime:
         self.compiling = threading.Lock()
         self.precision = self._request(1)[1]
 
-    def warm(self, batch_sizes) -> None:
-        """Compile the graph for these batch sizes now, not at their first call."""
-        for batch in batch_sizes:
-            self._request(batch)
+    def warm(self, batch_sizes: Iterable[int]) -> None:
+        """Compile the graph for these batch sizes now, and run each once."""
+        with self.compiling:
+            for batch in set(batch_sizes) - set(self.requests):
+                self.requests[batch] = self._compile(batch)
+        _warm(self, batch_sizes)
 
     def _request(self, batch: int) -> tuple:
         """(infer request, compiled precision, output indices by name, its lock) for this batch
-        size, compiled on first use."""
+        size, or for the smallest larger one compiled already; compiled on first use."""
         with self.compiling:
-            if batch not in self.requests:
+            larger = [size for size in self.requests if size >= batch]
+            if not larger:
                 self.requests[batch] = self._compile(batch)
-            return self.requests[batch]
+                larger = [batch]
+            return self.requests[min(larger)]
 
     def _compile(self, batch: int) -> tuple:
         graph = self.graph.clone()
@@ -271,13 +295,21 @@ class OpenVinoRuntime:
         return compiled.create_infer_request(), precision, names, threading.Lock()
 
     def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs:
-        request, _, names, busy = self._request(len(images))
+        count = len(images)
+        request, _, names, busy = self._request(count)
+        size = request.get_input_tensor(0).shape[0]
+        if size > count:  # padded to a compiled batch size
+            images = np.concatenate(
+                [images, np.zeros((size - count, *images.shape[1:]), images.dtype)]
+            )
         wanted = [name for name in (MAP, TERM) if name in names]
         wanted += [_pooled_output(names, self.path)] if pooled else []
         with busy:
             request.infer({0: images}, share_inputs=True)  # reads the contiguous batch in place
             # copies: the buffers are reused by the next call
-            found = {name: request.get_output_tensor(names[name]).data.copy() for name in wanted}
+            found = {
+                name: request.get_output_tensor(names[name]).data[:count].copy() for name in wanted
+            }
         return _outputs(found, pooled)
 
 

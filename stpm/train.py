@@ -127,19 +127,13 @@ def fit(
     writer = None
     if run_dir is not None and world.main:
         writer = _checkpoint_writer(run_dir, params, folder, pruning)
+    network = built.network.to(device)
+    prepared = prepare(
+        network, paths, built.mean, built.std, train_settings, map_settings, device,
+        params["resize_mode"], world,
+    )  # fmt: skip
     result = train_student(
-        built.network.to(device),
-        paths,
-        built.mean,
-        built.std,
-        train_settings,
-        map_settings,
-        device,
-        params["resize_mode"],
-        params["image_model"],
-        writer,
-        resume,
-        world,
+        network, prepared, train_settings, map_settings, params["image_model"], writer, resume
     )
     description = _describe(params, built, result, train_settings, pruning, shared)
     model = AnomalyMapModel(built.network, map_settings, result.image_model)
@@ -214,19 +208,15 @@ def _config(fitted: Fitted, folder: Path) -> dict:
 
 def train_student(
     network: StudentTeacher,
-    paths: Sequence[Path],
-    mean: Sequence[float],
-    std: Sequence[float],
+    prepared: Prepared,
     settings: TrainSettings,
     map_settings: MapSettings,
-    device: torch.device,
-    resize_mode: str = "squash",
     image_model: str | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
-    world: World = distributed.ALONE,
 ) -> TrainResult:
-    """Train network.student in place on paths; keeps the epoch with the lowest validation loss.
+    """Train network.student in place on the prepared images; keeps the epoch with the lowest
+    validation loss, then calibrates on the held-out images.
 
     checkpoint(state) is called after every epoch with everything needed to continue; passing
     that state back as resume continues the run exactly where it stopped (same final weights).
@@ -238,9 +228,7 @@ def train_student(
     would, except that BatchNorm normalises each share by its own statistics. Validation is
     split between the processes and gathered.
     """
-    prepared = prepare(
-        network, paths, mean, std, settings, map_settings, device, resize_mode, world
-    )
+    world, device = prepared.world, next(network.student.parameters()).device
     loop = StepLoop(network, prepared, settings, map_settings, device, world)
     selection = Selection()
     result = TrainResult(
@@ -298,6 +286,7 @@ class Prepared:
     resize_mode: str
     teacher_cache: list[torch.Tensor] | None  # the teacher's features of every training image
     corrupted_validation: torch.Tensor | None  # for selection="separation"
+    world: World  # the processes that share the work (stpm.distributed)
 
 
 def prepare(
@@ -338,8 +327,9 @@ def prepare(
         corrupted = torch.from_numpy(corruptions.corrupt_batch(validation.numpy(), keys))
     cache = cache_teacher_features(network, train, mean, std, settings, device, world=world)
     return Prepared(
-        train_paths, validation_paths, train, validation, mean, std, resize_mode, cache, corrupted
-    )
+        train_paths, validation_paths, train, validation, mean, std, resize_mode, cache, corrupted,
+        world,
+    )  # fmt: skip
 
 
 def _batch(images: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
