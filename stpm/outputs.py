@@ -216,7 +216,7 @@ def _write_images(
     label = f"{verdict} {prediction.normalized_score:.2f} (raw {prediction.score:.4g})"
     overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, prediction.threshold, label)
     visualize.write_png(folder / f"{path.stem}_overlay.png", overlay)
-    visualize.write_png(folder / f"{path.stem}_mask.png", prediction.mask.astype(np.uint8) * 255)
+    visualize.write_mask(folder / f"{path.stem}_mask.png", prediction.mask)
     if save_map:
         atomic_write(
             folder / f"{path.stem}_map.npy",

@@ -12,7 +12,8 @@ from .files import atomic_write
 # Figures are drawn on Figure objects of their own, never through pyplot: the caller's matplotlib
 # backend (a notebook's, a GUI's) is left as it was, and no screen is needed. matplotlib is
 # imported by the functions that draw figures: overlays and masks need only OpenCV.
-PNG_COMPRESSION = 1  # zlib level 1 of 9
+PNG_PICTURE = [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+PNG_MASK = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_BILEVEL, 1]
 
 
 def plot_loss_curve(history: list[dict], path: str | Path, best_epoch: int | None = None) -> Path:
@@ -75,11 +76,25 @@ def _put_label(image: np.ndarray, text: str) -> None:
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write an RGB (H, W, 3) or single-channel (H, W) uint8 image as PNG, atomically, at zlib's
-    fastest level (PNG_COMPRESSION): an overlay per part must keep up with the scoring."""
+    """Write an RGB (H, W, 3) or single-channel (H, W) uint8 image as PNG, atomically.
+
+    Stored, not compressed (PNG_PICTURE): an overlay per part must keep up with the scoring. On
+    the benchmark's CPU a 373 x 248 overlay took 0.5 ms so, 5.7 ms at zlib's fastest level and
+    2.7 ms with Huffman coding alone, for files 2.3 and 1.9 times smaller.
+    """
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    return _write_encoded(path, image, PNG_PICTURE)
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> Path:
+    """Write a bool (H, W) mask as a 1-bit PNG, atomically: black, and white where True (read
+    back as 0 and 255 by OpenCV); a few kilobytes, in a third of a millisecond."""
+    return _write_encoded(path, mask.astype(np.uint8) * 255, PNG_MASK)
+
+
+def _write_encoded(path: str | Path, image: np.ndarray, options: list[int]) -> Path:
+    ok, encoded = cv2.imencode(".png", image, options)
     if not ok:
         raise ValueError(f"cannot encode {path} as PNG")
     return atomic_write(path, lambda temporary: Path(temporary).write_bytes(encoded.tobytes()))
