@@ -107,6 +107,7 @@ class _Instant:
             runtime.threads,
             runtime.description,
         )
+        self.path = runtime.path
         self.outputs = runtime(tensor)
 
     def __call__(self, images: np.ndarray, pooled: bool = False):

@@ -1,11 +1,14 @@
 """Command-line entry points: thin wrappers over the STPM estimator.
 
-A user's mistake is printed as one line and exits with status 2; nothing else is caught.
+A user's mistake is printed as one line, `stpm-<command>: error: <what, and the fix>`, and exits
+with status 2; nothing else is caught. Every flag's help ends with its default (_Help).
+stpm-train's model and training flags come from stpm.settings.SETTINGS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -16,6 +19,33 @@ from pathlib import Path
 from . import data, distributed, outputs, runs, runtime, settings
 from .detector import STPM
 from .errors import StpmError
+
+
+class _Help(argparse.HelpFormatter):
+    """One style for every command: each flag's help ends with its default, once."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or text == argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            return text
+        return f"{text} (default: {_shown(action.default)})"
+
+
+def _shown(default) -> str:
+    """A default as a user would type it."""
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list | tuple):
+        return " ".join(map(str, default))
+    return str(default)
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Help)
 
 
 def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
@@ -41,8 +71,10 @@ def _friendly(command: Callable[[list[str] | None], int]) -> Callable[[list[str]
                 return 2
             print(f"stpm-{name}: error: {error}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"stpm-{name}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as interrupt:  # its message, if any: how to go on
+            hint = f"; {interrupt}" if str(interrupt) else ""
+            if not distributed.secondary():
+                print(f"stpm-{name}: interrupted{hint}", file=sys.stderr)
             return 130
         finally:
             distributed.leave()
@@ -70,16 +102,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser, several: bool = False) 
     group.add_argument(
         "--data-root",
         type=Path,
-        help=f"where categories live (default: ${data.DATA_ROOT_VARIABLE} or {data.DEFAULT_DATA_ROOT})",
+        help="where categories live "
+        f"(default: ${data.DATA_ROOT_VARIABLE}, else {data.DEFAULT_DATA_ROOT})",
     )
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    defaults = STPM().get_params()
-    parser = argparse.ArgumentParser(
-        prog="stpm-train",
-        description="Train an STPM anomaly detector on the defect-free images of one category.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = _parser(
+        "stpm-train", "Train an STPM anomaly detector on the defect-free images of one category."
     )
     _add_data_arguments(parser, several=True)
     parser.add_argument(
@@ -91,17 +121,11 @@ def _train_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run where it stopped",
     )
-    _add_model_arguments(parser.add_argument_group("model"), defaults)
-    _add_training_arguments(parser.add_argument_group("training"), defaults)
-    threshold = parser.add_argument_group("threshold")
-    threshold.add_argument(
-        "--max-false-alarms",
-        type=float,
-        metavar="SHARE",
-        help="set the threshold so that this share of defect-free validation images is "
-        "rejected, e.g. 0.01 (default: mean + 3 std of their scores)",
-    )
-    threshold.add_argument(
+    groups = {name: parser.add_argument_group(name) for name in ("model", "training")}
+    groups["threshold"] = parser.add_argument_group("threshold")
+    for setting in settings.SETTINGS:
+        _add_setting(groups[setting.group], setting)
+    groups["threshold"].add_argument(
         "--defects",
         type=Path,
         metavar="DIR",
@@ -110,114 +134,43 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         type=Path,
-        help="run folder (default: runs/<category>/<timestamp>); with several categories the "
-        f"folder that holds one run per category (default: {runs.CATEGORY_RUNS})",
+        help="run folder (default: runs/<category>/<timestamp>; with several categories the "
+        f"folder of one run per category, {runs.CATEGORY_RUNS})",
     )
     return parser
 
 
-def _add_model_arguments(model: argparse._ArgumentGroup, defaults: dict) -> None:
-    model.add_argument("--backbone", default=defaults["backbone"], help="any timm CNN")
-    model.add_argument(
-        "--student",
-        default=defaults["student"],
-        help="the student's architecture: 'same' (the teacher's), 'slim' (Lite0 at half its "
-        "channels) or a timm CNN name; levels of another width get 1x1 projections",
+def _add_setting(group: argparse._ArgumentGroup, setting: settings.Setting) -> None:
+    """A setting's flag: its type, choices and default from stpm.settings.SETTINGS."""
+    text = setting.help + (f" (default: {setting.default_text})" if setting.default_text else "")
+    if setting.kind is bool:
+        group.add_argument(setting.flag, dest=setting.name, action="store_true", help=text)
+        return
+    default = setting.default
+    if setting.many:
+        default = list(default) if isinstance(default, list | tuple) else [default]
+    if setting.name == "epochs":  # with --resume, absent means the run's own
+        default, text = None, f"{text} (default: {setting.default}; with --resume, the run's)"
+    group.add_argument(
+        setting.flag,
+        dest=setting.name,
+        type=setting.kind,
+        default=default,
+        choices=setting.choices,
+        nargs="+" if setting.many else None,
+        metavar=setting.metavar
+        or (None if setting.choices else setting.flag[2:].upper().replace("-", "_")),
+        help=text,
     )
-    model.add_argument(
-        "--teacher-weights", type=Path, help="a timm state dict for the teacher (offline use)"
-    )
-    model.add_argument("--strides", type=int, nargs="+", default=list(defaults["strides"]))
-    model.add_argument(
-        "--image-size", type=int, nargs="+", default=[defaults["image_size"]], help="SIDE or H W"
-    )
-    model.add_argument(
-        "--resize",
-        choices=settings.RESIZE_MODES,
-        default=defaults["resize_mode"],
-        help="images of another shape: stretched to the size, or aspect kept and padded",
-    )
-    model.add_argument("--combine", choices=settings.COMBINES, default=defaults["combine"])
-    model.add_argument("--smoothing-sigma", type=float, default=defaults["smoothing_sigma"])
-    model.add_argument(
-        "--image-model",
-        choices=[*settings.IMAGE_MODELS, "none"],
-        default=defaults["image_model"] or "none",
-        help="'gaussian': add an image-level term to each score, a Gaussian of the teacher's "
-        "pooled features (sees large-area changes the map normalises away)",
-    )
-    model.add_argument(
-        "--share-stem",
-        action="store_true",
-        help="the student reuses the teacher's frozen stem (EfficientNet-Lite students)",
-    )
-    model.add_argument(
-        "--distance",
-        choices=settings.DISTANCES,
-        default=defaults["distance"],
-        help="compare features by cosine (the paper) or by squared error of per-channel "
-        "standardized features (keeps magnitude: large-area brightness changes)",
-    )
-
-
-def _add_training_arguments(training: argparse._ArgumentGroup, defaults: dict) -> None:
-    training.add_argument(
-        "--epochs",
-        type=int,
-        help=f"{defaults['epochs']} for a new run; with --resume, train that run longer",
-    )
-    training.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    training.add_argument("--lr", type=float, default=defaults["learning_rate"])
-    training.add_argument("--momentum", type=float, default=defaults["momentum"])
-    training.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
-    training.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=defaults["validation_fraction"],
-        help="share of train/good held out for model selection and the threshold",
-    )
-    training.add_argument("--seed", type=int, default=defaults["seed"])
-    training.add_argument(
-        "--denoise",
-        type=float,
-        default=defaults["denoise"],
-        metavar="SHARE",
-        help="share of training images the student sees with a synthetic defect while it "
-        "learns the teacher's features of the clean image",
-    )
-    training.add_argument(
-        "--hard-quantile",
-        type=_float_or_none,
-        default=defaults["hard_quantile"],
-        help="average only the distances at or above this quantile of a batch's; "
-        "'none' for the paper's plain mean",
-    )
-    training.add_argument(
-        "--selection",
-        choices=settings.SELECTIONS,
-        default=defaults["selection"],
-        help="keep the epoch of lowest validation loss, or the one that best separates "
-        "validation images from synthetic defects made of them",
-    )
-    training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    training.add_argument("--threads", type=int, help="CPU threads (default: torch's own)")
-
-
-def _float_or_none(text: str) -> float | None:
-    """argparse type: a number, or 'none'."""
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
 
 
 @_friendly
 def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     if args.resume:
-        return _report_training(STPM.resume(args.resume, args.epochs), args.resume, args.defects)
+        with _resume_hint(args.resume):
+            detector = STPM.resume(args.resume, args.epochs)
+        return _report_training(detector, args.resume, args.defects)
     if len(args.image_size) not in (1, 2):
         raise StpmError("--image-size takes one side or two (height width)")
     if args.defects is not None and not (args.defects.is_dir() and data.list_images(args.defects)):
@@ -231,8 +184,20 @@ def train_main(argv: list[str] | None = None) -> int:
         return _train_categories(args, names)
     folder = _category_folder(args, names[0] if names else None)
     run_dir = args.out or runs.new_run_dir(folder.name)
-    detector = _estimator(args).fit(folder, run_dir=run_dir)
+    with _resume_hint(run_dir):
+        detector = _estimator(args).fit(folder, run_dir=run_dir)
     return _report_training(detector, run_dir, args.defects)
+
+
+@contextlib.contextmanager
+def _resume_hint(run_dir: Path):
+    """Ctrl-C during training: say how to go on from the last epoch saved."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (run_dir / runs.CHECKPOINT).is_file():
+            raise KeyboardInterrupt(f"continue with: stpm-train --resume {run_dir}") from None
+        raise KeyboardInterrupt("no epoch had finished, nothing to resume") from None
 
 
 def _category_folder(args: argparse.Namespace, category: str | None) -> Path:
@@ -254,6 +219,39 @@ def _train_categories(args: argparse.Namespace, names: list[str]) -> int:
     if len(set(names)) < len(names):
         raise StpmError(f"a category is named twice: {' '.join(names)}")
     root, outcomes, world = args.out or runs.CATEGORY_RUNS, {}, distributed.join()
+    with _interrupted_categories():
+        _each_category(args, names, root, outcomes, world)
+    failed = [name for name, outcome in outcomes.items() if outcome.startswith("failed")]
+    _say(
+        f"{len(names)} categories: "
+        + ", ".join(
+            f"{sum(o.startswith(kind) for o in outcomes.values())} {kind}"
+            for kind in ("trained", "resumed", "skipped", "failed")
+        )
+        + (f" ({' '.join(failed)})" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _interrupted_categories():
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "the same command goes on where it stopped (finished runs skipped, the interrupted "
+            "one resumed)"
+        ) from None
+
+
+def _each_category(
+    args: argparse.Namespace,
+    names: list[str],
+    root: Path,
+    outcomes: dict,
+    world: distributed.World,
+) -> None:
+    """Each category's run in turn, its outcome in outcomes."""
     for number, name in enumerate(names, 1):
         run_dir = root / name
         _say(f"[{number}/{len(names)}] {name}: ", end="", flush=True)
@@ -276,46 +274,15 @@ def _train_categories(args: argparse.Namespace, names: list[str]) -> int:
         except StpmError as error:  # one bad category does not stop the others
             _say(f"stpm-train: error: {name}: {error}", file=sys.stderr)
             outcomes[name] = f"failed: {error}"
-    failed = [name for name, outcome in outcomes.items() if outcome.startswith("failed")]
-    _say(
-        f"{len(names)} categories: "
-        + ", ".join(
-            f"{sum(o.startswith(kind) for o in outcomes.values())} {kind}"
-            for kind in ("trained", "resumed", "skipped", "failed")
-        )
-        + (f" ({' '.join(failed)})" if failed else "")
-    )
-    return 1 if failed else 0
 
 
 def _estimator(args: argparse.Namespace) -> STPM:
-    """An untrained STPM with the command line's settings."""
-    return STPM(
-        backbone=args.backbone,
-        strides=args.strides,
-        image_size=args.image_size[0] if len(args.image_size) == 1 else args.image_size,
-        resize_mode=args.resize,
-        combine=args.combine,
-        smoothing_sigma=args.smoothing_sigma,
-        distance=args.distance,
-        image_model=None if args.image_model == "none" else args.image_model,
-        student=args.student,
-        share_stem=args.share_stem,
-        epochs=args.epochs or STPM().epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        validation_fraction=args.validation_fraction,
-        seed=args.seed,
-        denoise=args.denoise,
-        hard_quantile=args.hard_quantile,
-        selection=args.selection,
-        teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
-        device=args.device,
-        threads=args.threads,
-        max_false_alarms=args.max_false_alarms,
-    )
+    """An untrained STPM with the command line's settings (each flag's dest is its setting)."""
+    params = {setting.name: getattr(args, setting.name) for setting in settings.SETTINGS}
+    sides = params["image_size"]
+    params["image_size"] = sides[0] if len(sides) == 1 else sides
+    params["epochs"] = params["epochs"] or settings.BY_NAME["epochs"].default
+    return STPM(**params)
 
 
 def _say(*args, **kwargs) -> None:
@@ -327,12 +294,12 @@ def _say(*args, **kwargs) -> None:
 def _report_training(detector: STPM, run_dir: Path, defects: Path | None = None) -> int:
     if distributed.secondary():
         return 0
-    last = detector.history_[-1]
+    last, rule = detector.history_[-1], detector.describe().validation["threshold_rule"]
     print(
-        f"trained {detector.backbone} on {detector.train_images_} images in "
+        f"trained {_student(detector)} on {detector.train_images_} images in "
         f"{detector.training_seconds_:.0f} s; final loss {last['loss']:.4f}, "
-        f"kept epoch {detector.best_epoch_}; threshold {detector.threshold_} "
-        f"({detector.describe().validation['threshold_rule']} of the validation scores)"
+        f"kept epoch {detector.best_epoch_}; threshold {detector.threshold_:.4g} "
+        f"({rule} of the validation scores)"
     )
     if defects is not None and detector.threshold_ is not None:
         outcomes = [outcome for _, outcome in detector.predict_iter(data.list_images(defects))]
@@ -348,18 +315,27 @@ def _report_training(detector: STPM, run_dir: Path, defects: Path | None = None)
     return 0
 
 
+def _student(detector: STPM) -> str:
+    """What was trained, in words: the student and its teacher."""
+    kind, teacher = detector.student, detector.backbone
+    if kind == "slim":
+        return f"a slim student (half the width) of the {teacher} teacher"
+    if kind == "same":
+        return f"a student of the {teacher} teacher's architecture"
+    return f"a {kind} student of the {teacher} teacher"
+
+
 # ---------------------------------------------------------------------- stpm-predict
 
 
 def _predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stpm-predict",
-        description="Score images with a trained model: heatmap overlays, masks and a CSV.",
+    parser = _parser(
+        "stpm-predict", "Score images with a trained model: heatmap overlays, masks and a CSV."
     )
     parser.add_argument(
         "inputs", nargs="+", help="image files, folders (searched recursively), globs"
     )
-    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
+    _add_model_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     parser.add_argument(
         "--threshold", type=float, help="raw-score threshold (default: the model's)"
@@ -369,13 +345,19 @@ def _predict_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SHARE",
         help="instead of --threshold: the quantile of the model's defect-free validation scores "
-        "that rejects this share of them, e.g. 0.01",
+        "that rejects this share of them, e.g. 0.01 (default: the model's threshold)",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per call to the model")
     parser.add_argument("--save-maps", action="store_true", help="also write <stem>_map.npy")
     parser.add_argument("--no-images", action="store_true", help="CSV and summary only")
     _add_runtime_arguments(parser)
     return parser
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, help=f"model file (default: the newest {runs.RUNS}/**/model.pt)"
+    )
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -390,7 +372,7 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         help=f"CPU threads (default: this process's physical cores, at most "
-        f"{runtime.MAX_DEFAULT_THREADS}; torch: its own default)",
+        f"{runtime.MAX_DEFAULT_THREADS}; torch: its own)",
     )
     group.add_argument(
         "--precision",
@@ -399,7 +381,11 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="OpenVINO's arithmetic (bf16 is faster on CPUs with BF16 units, maps move slightly)",
     )
     group.add_argument("--device", default="auto", help="torch: auto, cpu, cuda or cuda:N")
-    group.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
+    group.add_argument(
+        "--teacher-weights",
+        type=Path,
+        help="the teacher file the model used (default: the one its model file names)",
+    )
     group.add_argument("--force", action="store_true", help="load even if the teacher differs")
 
 
@@ -411,6 +397,7 @@ def _load(
     Under torchrun the processes on one machine share its cores (by default each takes its
     share of the threads one process would) and each takes its own GPU, if any."""
     path = args.model or runs.latest_model()
+    _say(f"model: {path}" + ("" if args.model else f" (the newest under {runs.RUNS}/)"))
     if args.threads is not None and args.threads < 1:
         raise StpmError(f"--threads must be at least 1, not {args.threads}")
     threads, device = getattr(args, "threads", None), args.device
@@ -435,7 +422,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     if args.threshold is not None and args.max_false_alarms is not None:
         raise StpmError("give --threshold or --max-false-alarms, not both")
     world = distributed.join()
-    detector, model_path = distributed.check_everywhere(lambda: _load(args, world), world)
+    detector, _ = distributed.check_everywhere(lambda: _load(args, world), world)
     threshold = args.threshold
     if args.max_false_alarms is not None:
         threshold = detector.threshold_at(args.max_false_alarms)
@@ -451,7 +438,6 @@ def predict_main(argv: list[str] | None = None) -> int:
     )
     if not world.main:
         return 1 if result.failures else 0
-    outputs.write_summary(result, args.out, model=str(model_path))
     _print_table(result.rows, result.summary)
     for row in result.failures:
         print(f"stpm-predict: error: {row['error']}", file=sys.stderr)
@@ -459,14 +445,14 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 
 def _print_table(rows: list[dict], summary: dict, limit: int = 10) -> None:
-    scored = sorted((row for row in rows if row["score"]), key=lambda row: -float(row["score"]))
+    scored = sorted((row for row in rows if row["error"] == ""), key=lambda row: -row["score"])
     if scored:
         width = min(60, max(len(row["path"]) for row in scored[:limit]))
         print(f"{'image':{width}s}  {'score':>10s}  {'normalised':>10s}  verdict")
         for row in scored[:limit]:
             name = row["path"] if len(row["path"]) <= width else "..." + row["path"][-width + 3 :]
             print(
-                f"{name:{width}s}  {float(row['score']):10.4g}  {float(row['normalized_score']):10.2f}  {row['verdict']}"
+                f"{name:{width}s}  {row['score']:10.4g}  {row['normalized_score']:10.2f}  {row['verdict']}"
             )
         if len(scored) > limit:
             print(f"... {len(scored) - limit} more in predictions.csv (highest scores shown)")
@@ -481,16 +467,7 @@ def _print_table(rows: list[dict], summary: dict, limit: int = 10) -> None:
 
 @_friendly
 def eval_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="stpm-eval",
-        description="Image AUROC, pixel AUROC, PRO and F1-max on a category's test/ set, with a report.",
-    )
-    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
-    _add_data_arguments(parser)
-    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
-    parser.add_argument("--batch-size", type=int, default=16)
-    _add_runtime_arguments(parser)
-    args = parser.parse_args(argv)
+    args = _eval_parser().parse_args(argv)
     from .evaluation import evaluate, format_table, write_report
 
     world = distributed.join()
@@ -510,6 +487,19 @@ def eval_main(argv: list[str] | None = None) -> int:
         )
     print(f"report: {args.out / 'report.md'}")
     return 0
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "stpm-eval",
+        "Image AUROC, pixel AUROC, PRO and F1-max on a category's test/ set, with a report.",
+    )
+    _add_model_argument(parser)
+    _add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per call to the model")
+    _add_runtime_arguments(parser)
+    return parser
 
 
 # ---------------------------------------------------------------------- stpm-export
@@ -550,12 +540,12 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stpm-export",
-        description="Export a model to one ONNX graph (image -> anomaly map and score) for ONNX "
-        "Runtime or OpenVINO, FP32 or INT8, checked against the torch model on defect-free images.",
+    parser = _parser(
+        "stpm-export",
+        "Export a model to one ONNX graph (image -> anomaly map and score) for ONNX Runtime or "
+        "OpenVINO, FP32 or INT8, checked against the torch model on defect-free images.",
     )
-    parser.add_argument("--model", type=Path, help="model file (default: newest runs/**/model.pt)")
+    _add_model_argument(parser)
     _add_data_arguments(parser)
     parser.add_argument("--out", type=Path, help="ONNX file (default: beside the model)")
     parser.add_argument(
@@ -572,7 +562,11 @@ def _export_parser() -> argparse.ArgumentParser:
         "auto: what this CPU needs. Export on the kind of CPU that will run the file",
     )
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    parser.add_argument("--teacher-weights", type=Path, help="the teacher file the model used")
+    parser.add_argument(
+        "--teacher-weights",
+        type=Path,
+        help="the teacher file the model used (default: the one its model file names)",
+    )
     parser.add_argument("--force", action="store_true", help="load even if the teacher differs")
     return parser
 
@@ -612,24 +606,25 @@ def compress_main(argv: list[str] | None = None) -> int:
             detector.pruning_["parameters_before"],
             detector.pruning_["parameters_after"],
         )
-        print(f"student: {before:,} -> {after:,} parameters ({after / before:.0%})")
+        print(f"student: {before:,} -> {after:,} parameters ({after / before:.0%} remain)")
     if detector.shared_layers_:
         print(f"shared with the teacher: {', '.join(detector.shared_layers_)}")
     return _report_training(detector, run_dir)
 
 
 def _compress_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stpm-compress",
-        description="Make a trained model's student smaller (structured pruning, a stem shared "
-        "with the teacher) and fine-tune it by distillation; writes a new run folder. Export it "
-        "with stpm-export --int8 for the compact INT8 model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = _parser(
+        "stpm-compress",
+        "Make a trained model's student smaller (structured pruning, a stem shared with the "
+        "teacher) and fine-tune it by distillation; writes a new run folder. Export it with "
+        "stpm-export --int8 for the compact INT8 model.",
     )
     parser.add_argument("run", type=Path, metavar="RUN_DIR", help="a run folder (or its model.pt)")
     _add_data_arguments(parser)
     parser.add_argument(
-        "--prune", type=float, help="share of each block's expansion channels to remove, e.g. 0.5"
+        "--prune",
+        type=float,
+        help="share of each block's expansion channels to remove, e.g. 0.5 (default: none)",
     )
     parser.add_argument(
         "--share-stem", action="store_true", help="the student reuses the teacher's frozen stem"

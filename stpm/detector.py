@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import calibration, distributed, scoring
+from . import calibration, distributed, scoring, settings
 from .errors import StpmError
 from .modelfile import ModelDescription, write_model_file
 from .runtime import TorchRuntime, open_runtime
@@ -29,30 +29,12 @@ from .settings import DEFAULT_BACKBONE, Parameters
 class STPM(Parameters):
     """Student-Teacher Feature Pyramid Matching anomaly detector.
 
-    backbone: any timm CNN; the default has offline ImageNet weights (see stpm.weights).
-    strides: the pyramid levels compared (the paper: 4, 8, 16 = ResNet's layer1..layer3).
-    image_size: input (height, width) or one side. resize_mode: how an image of another shape
-    becomes that size, 'squash' (stretched) or 'letterbox' (aspect kept, padded).
-    combine: 'product' (the paper) or 'sum'. smoothing_sigma: Gaussian sigma in pixels of the
-    input size, 0 for none. distance: how a level's features are compared, 'cosine' (the
-    paper) or 'standardized' (squared error of per-channel standardized features, keeping their
-    magnitude; stpm.model). image_model: None, or 'gaussian' to add an image-level term to each
-    score (a Gaussian of the teacher's pooled features, stpm.gaussian; the map stays the
-    student's). student: 'same' as the teacher, 'slim' (an EfficientNet-Lite teacher at half
-    its width) or a timm CNN name (stpm.networks). share_stem: the student reuses the teacher's
-    frozen stem where their stems are alike (stpm.networks.share_stem): run once, not twice.
-    max_false_alarms: the share of defect-free images the threshold may reject (0.01: the 99th
-    percentile of the validation scores); None for mean + 3 std of those scores.
-
-    Training objectives (stpm.train): denoise, the share of training images the student sees
-    corrupted (stpm.corruptions) while matching the teacher's features of the clean image;
-    hard_quantile, average only the distances at or above that quantile (EfficientAD), None for
-    the paper's mean; selection, keep the epoch of lowest validation 'loss' or the one that best
-    separates validation images from corrupted copies ('separation'). threads: CPU threads for
-    prediction (and torch's training), None for stpm.runtime.default_threads().
-
+    A frozen ImageNet teacher and a student trained to reproduce its feature pyramid on
+    defect-free images; where the student fails, the image is anomalous (stpm.model). Every
+    parameter is a setting declared once in stpm.settings.SETTINGS, which writes the list below.
     Why each default: README.md, "Defaults and why" (the map's: scripts/results/ablation.md; the
     student's and the image model's: scripts/results/students.md).
+
     """
 
     def __init__(
@@ -272,6 +254,9 @@ class STPM(Parameters):
         if not isinstance(self.runtime_, TorchRuntime):
             raise StpmError(f"{why} (this model runs on {self.runtime_.name}; load the .pt file)")
         return self.runtime_
+
+
+STPM.__doc__ += settings.parameters_doc()
 
 
 def _parameters(d: ModelDescription) -> dict:

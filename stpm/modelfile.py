@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StpmError
 from .files import atomic_write
-from .settings import MapSettings
+from .settings import ALWAYS, SETTINGS, MapSettings
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -39,15 +39,9 @@ FORMAT = "stpm-model"
 FORMAT_VERSION = 3
 ONNX_METADATA_KEY = "stpm"
 IMAGE_MODEL_KEY = "image_model_weights"  # beside "student": the image-level model's tensors
-# training settings a file without them was trained with (the paper's objective)
-OBJECTIVES_BEFORE_0_2 = {"denoise": 0.0, "hard_quantile": None, "selection": "loss"}
-ADDED_IN_VERSION_2 = {
-    "student_kind": "same",
-    "max_false_alarms": None,
-    "resize_mode": "squash",
-    "distance": "cosine",
-    "image_model": None,
-}
+# what a file written before a setting existed was trained with (stpm.settings.Setting.before),
+# by where the description keeps it: at the top, or in its "settings"
+BEFORE = {s.described: s.before for s in SETTINGS if s.before is not ALWAYS}
 
 
 @dataclass
@@ -66,13 +60,13 @@ class ModelDescription:
     validation: dict  # scores, mean, std of defect-free validation images; threshold_rule
     threshold: float | None
     settings: dict  # the training settings
+    student_kind: str  # the setting "student": same, slim or a timm CNN name
+    max_false_alarms: float | None  # the threshold rule: None for mean + 3 std
+    resize_mode: str  # how images become image_size: "squash" or "letterbox"
+    distance: str  # how a level's features are compared (stpm.model.layer_distances)
+    image_model: str | None  # "gaussian": an image-level term in the score (stpm.gaussian)
     history: list[dict] = field(default_factory=list)  # per epoch: loss, validation_loss, ...
     best_epoch: int | None = None
-    student_kind: str = "same"
-    max_false_alarms: float | None = None  # the threshold rule: None for mean + 3 std
-    resize_mode: str = "squash"  # how images become image_size: "squash" or "letterbox"
-    distance: str = "cosine"  # how a level's features are compared (stpm.model.layer_distances)
-    image_model: str | None = None  # "gaussian": an image-level term in the score (stpm.gaussian)
     pruning: dict | None = None  # stpm.compress: ratio, parameters before and after, epochs
     shared_layers: list[str] = field(default_factory=list)  # the student's modules = teacher's
     int8: dict | None = None  # ONNX files only: stpm.export.quantize_int8's settings
@@ -100,9 +94,10 @@ class ModelDescription:
             raise StpmError(
                 f"{path} was written by a newer stpm ({state.get('stpm_version')}); upgrade stpm"
             )
-        state = {**ADDED_IN_VERSION_2, **state} if version < 2 else state
+        state = {**{key: value for key, value in BEFORE.items() if "." not in key}, **state}
         if isinstance(state.get("settings"), dict):  # trained before the objectives existed
-            state["settings"] = {**OBJECTIVES_BEFORE_0_2, **state["settings"]}
+            older = {key[9:]: value for key, value in BEFORE.items() if key.startswith("settings.")}
+            state["settings"] = {**older, **state["settings"]}
         names = {item.name for item in dataclasses.fields(cls)}
         required = {item.name for item in dataclasses.fields(cls) if _required(item)}
         missing = sorted(required - set(state))
@@ -128,8 +123,16 @@ def load_untrusted(path: Path, what: str):
             warnings.simplefilter("ignore")  # "unusual pickle protocol" noise on garbage input
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise StpmError(f"{path} is not a readable {what} ({first_line[:160]})") from None
+        raise StpmError(f"{path} is not a readable {what}: {_why_unreadable(error)}") from None
+
+
+def _why_unreadable(error: Exception) -> str:
+    """torch's reason, in a few words of ours (its own runs to a page of advice)."""
+    if "Unsupported global" in str(error):
+        return "it holds Python objects besides tensors, which could run code, so it is not loaded"
+    if isinstance(error, EOFError) or "central directory" in str(error):
+        return "the file is empty or cut short"
+    return "not a file torch.save wrote (a text file, an image, another format)"
 
 
 def read_model_file(

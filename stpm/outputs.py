@@ -42,7 +42,8 @@ CSV_COLUMNS = ("path", "score", "normalized_score", "verdict", "error")
 
 @dataclass
 class ScoringResult:
-    """What score_files wrote: one row per input (CSV_COLUMNS) and the summary.json content."""
+    """What score_files wrote: one row per input (CSV_COLUMNS; scores as numbers, None for an
+    image that failed) and the summary.json content."""
 
     rows: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
@@ -89,17 +90,18 @@ def score_files(
 ) -> ScoringResult:
     """Score every image of inputs (files, folders, globs) into out.
 
-    Writes predictions.csv (CSV_COLUMNS, one line per input, errors included), summary.json and,
-    unless images=False, <stem>_overlay.png and <stem>_mask.png (plus <stem>_map.npy with
-    save_maps) in sub-folders that mirror the inputs' folders. A bad image is a CSV row with
-    verdict "error", not an exception. world: this process's place under torchrun; every
+    Writes predictions.csv (CSV_COLUMNS, one line per input, errors included), summary.json (the
+    counts, the threshold, the model file, the runtime) and, unless images=False,
+    <stem>_overlay.png and <stem>_mask.png (plus <stem>_map.npy with save_maps) in sub-folders
+    that mirror the inputs' folders. A bad image is a CSV row with verdict "error", not an
+    exception; inputs of which none exists are a mistake (StpmError). world: this process's place under torchrun; every
     process passes the same inputs, rank 0's result holds every row (the others' only theirs).
     """
     out = Path(out)
     threshold = detector.threshold_ if threshold is None else float(threshold)
     paths, missing = distributed.check_everywhere(lambda: expand_inputs(inputs), world)
-    if not paths and not missing:
-        raise StpmError(f"no images found in {' '.join(inputs)}")
+    if not paths:  # nothing at all to score: a mistake, not a row of errors
+        raise StpmError(f"no such file or folder: {', '.join(missing)}")
     distributed.agree_on_files([*paths, *missing], "the input files", world)
     base = _common_parent(paths)
     mine = paths[distributed.shard(len(paths), world)]
@@ -130,7 +132,9 @@ def score_files(
     if world.distributed:
         result.rows = _merge_rows(result.rows, rows_file, out, world)
     verdicts = [row["verdict"] for row in result.rows]
+    model = getattr(detector.runtime_, "path", None)
     result.summary = {
+        "model": None if model is None else str(model),
         "threshold": threshold,
         "images": len(result.rows),
         "anomalous": verdicts.count("anomalous"),
@@ -142,6 +146,8 @@ def score_files(
         "outputs": str(out),
         "images_per_rank": images_per_rank,
     }
+    if world.main:
+        atomic_write_text(out / "summary.json", json.dumps(result.summary, indent=2) + "\n")
     return result
 
 
@@ -153,17 +159,11 @@ def _merge_rows(rows: list[dict], rows_file: Path, out: Path, world: World) -> l
         buffer = io.StringIO()
         writer = csv.writer(buffer)  # the line endings of the file one process writes
         writer.writerow(CSV_COLUMNS)
-        writer.writerows([row[column] for column in CSV_COLUMNS] for row in everything)
+        writer.writerows(_csv_line(row) for row in everything)
         atomic_write_text(out / "predictions.csv", buffer.getvalue())
     distributed.barrier(world)
     rows_file.unlink()
     return everything if world.main else rows
-
-
-def write_summary(result: ScoringResult, out: str | Path, **extra) -> Path:
-    """summary.json: the counts, the threshold, the runtime, and what extra adds (the model)."""
-    summary = {**extra, **result.summary}
-    return atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def _common_parent(paths: list[Path]) -> Path:
@@ -230,17 +230,29 @@ def _write_npy(path: str, array: np.ndarray) -> None:
 
 
 def _write_row(writer, handle, source, prediction: Prediction | None, error: str) -> dict:
-    """One CSV line, flushed at once."""
+    """One row: its CSV line written and flushed at once."""
     if prediction is None:
-        row = dict(path=str(source), score="", normalized_score="", verdict="error", error=error)
+        row = dict(path=str(source), score=None, normalized_score=None, verdict="error")
     else:
         row = dict(
             path=str(source),
-            score=f"{prediction.score:.6g}",
-            normalized_score=f"{prediction.normalized_score:.4f}",
+            score=prediction.score,
+            normalized_score=prediction.normalized_score,
             verdict="anomalous" if prediction.is_anomalous else "good",
-            error="",
         )
-    writer.writerow(row.values())
+    row["error"] = error
+    writer.writerow(_csv_line(row))
     handle.flush()
     return row
+
+
+def _csv_line(row: dict) -> list[str]:
+    """A row as predictions.csv writes it: scores to 6 and 4 significant places, "" for none."""
+    score, normalized = row["score"], row["normalized_score"]
+    return [
+        row["path"],
+        "" if score is None else f"{score:.6g}",
+        "" if normalized is None else f"{normalized:.4f}",
+        row["verdict"],
+        row["error"],
+    ]

@@ -14,6 +14,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import settings
 from .errors import StpmError
 from .files import atomic_write, atomic_write_text
 from .modelfile import ModelDescription, load_untrusted, write_model_file
@@ -21,17 +22,6 @@ from .modelfile import ModelDescription, load_untrusted, write_model_file
 MODEL, CONFIG, CHECKPOINT, LOSS_CURVE = "model.pt", "config.json", "checkpoint.pt", "loss_curve.png"
 RUNS = Path("runs")  # where new runs go, and where the newest model is looked for
 CATEGORY_RUNS = RUNS / "categories"  # one run per category: stpm-train --category a b c
-# what a checkpoint written before these parameters existed was trained with
-PARAMETERS_BEFORE_0_2 = {
-    "student": "same",
-    "resize_mode": "squash",
-    "distance": "cosine",
-    "image_model": None,
-    "max_false_alarms": None,
-    "denoise": 0.0,
-    "hard_quantile": None,
-    "selection": "loss",
-}
 
 
 def write_checkpoint(run_dir: Path, state: dict) -> Path:
@@ -47,7 +37,7 @@ def read_checkpoint(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise StpmError(f"no checkpoint to resume in {run_dir} (expected {path})")
     state = load_untrusted(path, "checkpoint")
-    state["estimator"] = {**PARAMETERS_BEFORE_0_2, **state["estimator"]}
+    state["estimator"] = {**settings.before_they_existed(), **state["estimator"]}
     return state
 
 
@@ -55,27 +45,31 @@ def write_run(
     run_dir: Path,
     description: ModelDescription,
     weights: tuple[dict, dict | None],
+    params: dict,
     extra: dict,
 ) -> None:
-    """model.pt (description and weights: the student's, the image model's), config.json (the
-    description's settings flattened, plus extra: the data folder, timings...) and
-    loss_curve.png."""
+    """model.pt (description and weights: the student's, the image model's), config.json and
+    loss_curve.png. config.json holds the data folder, every setting by its name as the model
+    used it (params: the estimator's; stpm.settings.as_used), what training found (the
+    teacher's source, the validation scores, the threshold...) and extra (where and how long it
+    trained: device and threads as used)."""
     from . import visualize
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_model_file(run_dir / MODEL, description, *weights)
-    state = description.to_dict()
-    history = state.pop("history")
-    settings = state.pop("settings")
+    found = description.to_dict()
+    for key in ("history", "settings", *(s.described for s in settings.SETTINGS)):
+        found.pop(key, None)
+    found["shared_layers"] = description.shared_layers  # which modules: more than share_stem
     config = {
         "data": extra.pop("data"),
-        **state,
-        **settings,
+        **settings.as_used(params),
+        **found,
         **extra,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
-    visualize.plot_loss_curve(history, run_dir / LOSS_CURVE, description.best_epoch)
+    visualize.plot_loss_curve(description.history, run_dir / LOSS_CURVE, description.best_epoch)
 
 
 def run_state(run_dir: Path) -> str:

@@ -5,8 +5,9 @@ numpy, -> Outputs: float32 (B, 1, H, W) anomaly maps and float32 (B,) image term
 image-level model, stpm.gaussian), plus, when asked for with pooled=True, the teacher's pooled
 features (B, D) that the image model reads (what the INT8 refit fits on). How maps and terms
 become a score is stpm.scoring's business. A runtime also has `description` (the model's
-ModelDescription), `name` and `threads`. The estimator holds one and knows nothing else about
-it, so a new runtime is a new class here and a name in `open_runtime`.
+ModelDescription), `name`, `threads` and `path` (its model file; None for a model only in
+memory). The estimator holds one and knows nothing else about it, so a new runtime is a new
+class here and a name in `open_runtime`.
 
 - "torch": the `.pt` model file (teacher rebuilt from its ImageNet weights, student loaded).
 - "onnxruntime": an `stpm-export` `.onnx` file, FP32 or INT8, on ONNX Runtime's CPU provider.
@@ -58,6 +59,7 @@ class Runtime(Protocol):
     name: str
     description: ModelDescription
     threads: int
+    path: Path | None
 
     def __call__(self, images: np.ndarray, pooled: bool = False) -> Outputs: ...
 
@@ -122,12 +124,20 @@ class TorchRuntime:
 
     name = "torch"
 
-    def __init__(self, model, description: ModelDescription, device, threads: int | None = None):
+    def __init__(
+        self,
+        model,
+        description: ModelDescription,
+        device,
+        threads: int | None = None,
+        path: Path | None = None,
+    ):
         import torch
 
         self.model = model.to(device).eval()
         self.description = description
         self.device = device
+        self.path = path
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
@@ -146,7 +156,7 @@ class TorchRuntime:
         settings = MapSettings(size, combine, smoothing_sigma, self.description.distance)
         model = AnomalyMapModel(self.model.network, settings, self.model.image_model)
         description = replace(self.description, combine=combine, smoothing_sigma=smoothing_sigma)
-        return TorchRuntime(model, description, self.device)
+        return TorchRuntime(model, description, self.device)  # no file has these maps
 
     def warm(self, batch_sizes: Iterable[int]) -> None:
         _warm(self, batch_sizes)
@@ -383,7 +393,7 @@ def load_torch(
 
     description, student_state, image_state = read_model_file(path)
     model = networks.rebuild(description, student_state, image_state, path, teacher_weights, force)
-    return TorchRuntime(model, description, resolve_device(device), threads)
+    return TorchRuntime(model, description, resolve_device(device), threads, Path(path))
 
 
 def open_runtime(

@@ -145,7 +145,9 @@ def fit(
         distributed.backend(device, world),
     )
     if run_dir is not None and world.main:
-        runs.write_run(run_dir, description, fitted.runtime.weights(), _config(fitted, folder))
+        weights = fitted.runtime.weights()
+        runs.write_run(run_dir, description, weights, params, _config(fitted, folder))
+        fitted.runtime.path = run_dir / runs.MODEL
     return fitted
 
 

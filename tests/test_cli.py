@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from stpm import STPM, cli
 from stpm.cli import train_main
 
 from .conftest import SHARED_TILES
@@ -27,7 +30,11 @@ def test_train_writes_a_run_folder(category, tmp_path, capsys):
     }
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 3 and config["image_size"] == [64, 64]
-    assert "run folder" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "run folder" in printed
+    # what was trained, in words, and numbers rounded for people
+    assert "trained a slim student (half the width) of the tf_efficientnet_lite0 teacher" in printed
+    assert not re.search(r"\d\.\d{6,}", printed)
 
 
 def test_category_under_the_data_root_and_default_run_folder(category, tmp_path, monkeypatch):
@@ -104,3 +111,65 @@ def test_data_warnings_are_one_line_each_and_training_goes_on(tmp_path, capsys):
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and warnings[0].startswith("stpm-train: warning:")
     assert "1 duplicate image(s) in train/good" in warnings[0]
+
+
+PARSERS = {
+    "train": cli._train_parser,
+    "predict": cli._predict_parser,
+    "eval": cli._eval_parser,
+    "export": cli._export_parser,
+    "compress": cli._compress_parser,
+}
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_every_flag_shows_one_line_of_help_and_its_default_once(command):
+    parser = PARSERS[command]()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = formatter._expand_help(action)
+        assert text.count("(default") == 1, (command, action.option_strings, text)
+    assert "(default: None)" not in parser.format_help()
+
+
+def test_a_run_with_nothing_to_score_is_a_mistake(trained, tmp_path, capsys):
+    _, run_dir = trained
+    argv = [str(tmp_path / "missing.png"), "--model", str(run_dir / "model.pt")]
+    assert cli.predict_main([*argv, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"stpm-predict: error: no such file or folder: {tmp_path / 'missing.png'}"]
+
+
+def test_a_file_that_is_not_a_model_says_so_in_our_words(category, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    image = sorted((category / "test" / "good").iterdir())[0]
+    assert cli.predict_main([str(image), "--model", str(text), "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert (
+        error
+        == f"stpm-predict: error: {text} is not a readable stpm model file: not a file torch.save wrote (a text file, an image, another format)"
+    )
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_ctrl_c_while_training_says_how_to_go_on(category, tmp_path, capsys, monkeypatch, saved):
+    out = tmp_path / "run"
+
+    def interrupted(self, folder, run_dir=None, **kwargs):
+        if saved:  # an epoch finished: its checkpoint is there
+            (run_dir / "checkpoint.pt").parent.mkdir(parents=True)
+            (run_dir / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(STPM, "fit", interrupted)
+    assert train_main(["--data", str(category), "--out", str(out), *TINY_FLAGS]) == 130
+    error = capsys.readouterr().err.strip()
+    if saved:
+        assert error == f"stpm-train: interrupted; continue with: stpm-train --resume {out}"
+    else:
+        assert error == "stpm-train: interrupted; no epoch had finished, nothing to resume"

@@ -5,6 +5,7 @@ no global side effects on the caller, and a README whose library example runs.""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -211,20 +212,31 @@ def test_import_and_work_leave_the_matplotlib_backend_alone(tmp_path):
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def readme_library_example() -> str:
-    section = README.read_text().split("## Library", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+def readme_library_examples() -> list[str]:
+    """The python code blocks of README.md's "## Library" section, in order. (The Ray blocks
+    further down need a Ray cluster and MVTec AD: tests/test_raydata.py runs their calls.)"""
+    section = README.read_text().split("## Library", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
 
 
-def test_the_readme_library_example_runs(tmp_path, monkeypatch):
-    """The code block under "## Library" in README.md, as written, on a tiny category."""
+def test_the_readme_library_examples_run(tmp_path, monkeypatch):
+    """Every code block under "## Library" in README.md, as written, one after another in one
+    namespace, on a tiny category; the names they use are reachable as they import them."""
     monkeypatch.chdir(tmp_path)
     category = make_category(tmp_path / "data" / "magnetic_tile", train=20)
     test_images = sorted((category / "test").rglob("*.png"))
     for name, source in (("a.png", test_images[0]), ("b.png", test_images[-1])):
         (tmp_path / name).write_bytes(source.read_bytes())
+    blocks = readme_library_examples()
+    assert len(blocks) >= 2 and "score_files" in blocks[1]
     namespace: dict = {}
-    exec(compile(readme_library_example(), "README.md", "exec"), namespace)
+    for number, block in enumerate(blocks, 1):
+        exec(compile(block, f"README.md, Library block {number}", "exec"), namespace)
     model = namespace["model"]
     assert (tmp_path / "runs" / "tiles" / "model.pt").is_file()
     assert isinstance(model.threshold_, float) and np.isfinite(model.threshold_)
+    summary = json.loads((tmp_path / "predictions" / "summary.json").read_text())
+    rows = namespace["scored"].rows
+    assert summary["images"] == len(rows) == 2 and isinstance(rows[0]["score"], float)
+    assert summary["model"] == "runs/tiles/model.pt"
+    assert (tmp_path / "runs" / "tiles" / "model.onnx").is_file()

@@ -152,7 +152,7 @@ def test_cli_goes_on_past_bad_files_and_exits_non_zero(trained, tmp_path, capsys
     assert "empty.png" in capsys.readouterr().err
 
 
-def test_cli_default_model_is_the_newest_run(trained, category, tmp_path, monkeypatch):
+def test_cli_default_model_is_the_newest_run(trained, category, tmp_path, monkeypatch, capsys):
     _, run_dir = trained
     monkeypatch.chdir(tmp_path)
     newest = tmp_path / "runs" / "tiles" / "2099"
@@ -160,9 +160,9 @@ def test_cli_default_model_is_the_newest_run(trained, category, tmp_path, monkey
     (newest / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())
     image = sorted((category / "test" / "good").iterdir())[0]
     assert predict_main([str(image), "--out", "out"]) == 0
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["model"] == str(
-        newest.relative_to(tmp_path) / "model.pt"
-    )
+    chosen = str(newest.relative_to(tmp_path) / "model.pt")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["model"] == chosen
+    assert f"model: {chosen} (the newest under runs/)" in capsys.readouterr().out
 
 
 def tamper(run_dir, tmp_path, **changes):
