@@ -295,11 +295,13 @@ def _report_training(detector: STPM, run_dir: Path, defects: Path | None = None)
     if distributed.secondary():
         return 0
     last, rule = detector.history_[-1], detector.describe().validation["threshold_rule"]
+    threshold = "no threshold: fewer than 2 validation images (raise --validation-fraction)"
+    if detector.threshold_ is not None:
+        threshold = f"threshold {detector.threshold_:.4g} ({rule} of the validation scores)"
     print(
         f"trained {_student(detector)} on {detector.train_images_} images in "
         f"{detector.training_seconds_:.0f} s; final loss {last['loss']:.4f}, "
-        f"kept epoch {detector.best_epoch_}; threshold {detector.threshold_:.4g} "
-        f"({rule} of the validation scores)"
+        f"kept epoch {detector.best_epoch_}; {threshold}"
     )
     if defects is not None and detector.threshold_ is not None:
         outcomes = [outcome for _, outcome in detector.predict_iter(data.list_images(defects))]
