@@ -156,6 +156,28 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> l
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
+def write_markdown_report(
+    path: Path,
+    title: str,
+    notes: Sequence[str],
+    header: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    command: str,
+) -> None:
+    """A results page: the title, notes (one line each: the CPU, what was measured), the table
+    and the command that made it."""
+    lines = [
+        f"# {title}",
+        "",
+        *notes,
+        "",
+        *markdown_table(header, rows),
+        "",
+        f"Command: `{command}`",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def cpu_info() -> dict:
     """The CPU a result was measured on, from `lscpu`: model, vendor, cores and its flags.
 

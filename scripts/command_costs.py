@@ -180,9 +180,7 @@ def write_markdown(results: list[dict], settings: dict, path: Path) -> None:
         ]
         for r in results
     ]
-    lines = [
-        "# What stpm-predict pays besides the model",
-        "",
+    notes = [
         f"CPU: {benchkit.cpu_line(settings['cpu'])}.",
         f"Model: `{settings['model']}`; {settings['images']} test images of "
         f"{Path(settings['data']).name}; every figure the median of {settings['repeats']} runs, "
@@ -190,12 +188,9 @@ def write_markdown(results: list[dict], settings: dict, path: Path) -> None:
         "Start-up: `stpm-predict ONE_IMAGE --no-images`, launch to exit. Loop: the scoring loop "
         "of `stpm-predict` (summary.json's seconds) per image, without and with the overlay and "
         "mask pictures. Library: `STPM.load(model).predict(path)` one image at a time.",
-        "",
-        *benchkit.markdown_table(header, rows),
-        "",
-        f"Command: `{settings['command']}`",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    title = "What stpm-predict pays besides the model"
+    benchkit.write_markdown_report(path, title, notes, header, rows, settings["command"])
 
 
 if __name__ == "__main__":

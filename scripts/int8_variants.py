@@ -147,18 +147,13 @@ def write_markdown(results: dict, settings: dict, path: Path) -> None:
                 f"{result['megabytes']:.1f}",
             ]
         )
-    lines = [
-        "# INT8 variants: what quantisation keeps of the map and the score",
-        "",
+    notes = [
         f"CPU: {benchkit.cpu_line(settings['cpu'])}; VNNI: {settings['has_vnni']}.",
         f"Model: `{settings['model']}`, scored by ONNX Runtime on every test image of "
         f"{Path(settings['data']).name}; correlations are with the FP32 file's maps and terms.",
-        "",
-        *benchkit.markdown_table(header, rows),
-        "",
-        f"Command: `{settings['command']}`",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    title = "INT8 variants: what quantisation keeps of the map and the score"
+    benchkit.write_markdown_report(path, title, notes, header, rows, settings["command"])
 
 
 if __name__ == "__main__":
