@@ -150,12 +150,10 @@ class TorchRuntime:
     def with_map(self, combine: str, smoothing_sigma: float) -> TorchRuntime:
         """The same networks with their level maps combined and smoothed another way."""
         from .model import AnomalyMapModel
-        from .settings import MapSettings
 
-        size = tuple(self.description.image_size)
-        settings = MapSettings(size, combine, smoothing_sigma, self.description.distance)
-        model = AnomalyMapModel(self.model.network, settings, self.model.image_model)
         description = replace(self.description, combine=combine, smoothing_sigma=smoothing_sigma)
+        settings = description.map_settings()  # checks the values before anything changes
+        model = AnomalyMapModel(self.model.network, settings, self.model.image_model)
         return TorchRuntime(model, description, self.device)  # no file has these maps
 
     def warm(self, batch_sizes: Iterable[int]) -> None:
