@@ -4,9 +4,10 @@ Usage: python scripts/docs_figure.py MODEL CATEGORY_DIR OUT.png [--defects blowh
        python scripts/docs_figure.py MODEL CATEGORY_DIR OUT.png --failures 3
 
 For each defect type the image with the highest score of its type (--pick best, the default)
-or with the median score (--pick median, a typical one) is shown. --failures N shows instead,
-over the whole test set, the N defective images scored highest (best found), the N scored
-lowest (worst missed) and the N good images scored highest (the likeliest false alarms).
+or with the median score (--pick median, a typical one) is shown, a column each: the image, its
+ground truth and its heat (stpm.visualize.heat_overlay). --failures N shows instead, over the
+whole test set, the N defective images scored highest, the N scored lowest and the N good images
+scored highest (the likeliest false alarms), each with its verdict.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--defects", nargs="+", default=["blowhole", "crack", "break"])
     parser.add_argument("--pick", choices=["best", "median"], default="best")
     parser.add_argument(
-        "--failures", type=int, metavar="N", help="best found, worst missed, highest good"
+        "--failures", type=int, metavar="N", help="top and lowest defects, top good parts"
     )
     args = parser.parse_args()
     model = STPM.load(args.model)
@@ -40,8 +41,8 @@ def main() -> None:
         defective = [i for i in order if samples[i].defect != "good"]
         good = [i for i in order if samples[i].defect == "good"]
         n = args.failures
-        picks = [("best found", defective[::-1][:n]), ("worst missed", defective[:n])]
-        picks.append(("good, highest score", good[::-1][:n]))
+        picks = [("top defect", defective[::-1][:n]), ("lowest defect", defective[:n])]
+        picks.append(("top good part", good[::-1][:n]))
         for title, indices in picks:
             for i in indices:
                 rows.append(_row(model, samples[i], predictions[i], title))
@@ -58,14 +59,13 @@ def main() -> None:
 
 
 def _row(model: STPM, sample: data.TestSample, prediction: Prediction, title: str) -> tuple:
-    """(title, image, mask, overlay) for visualize.comparison_grid."""
+    """(title, image, mask, heat) for visualize.comparison_grid: one column of the figure."""
     image = scoring.read_image(sample.path)
     mask = read_mask(sample.mask, image.shape[:2]).astype(np.uint8) * 255
     verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
-    label = f"{verdict} {prediction.normalized_score:.2f}"
-    overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, model.threshold_, label)
-    name = f"{sample.path.parent.name}/{sample.path.name}"
-    return (f"{title}\n{name}", image, mask, overlay)
+    heat = visualize.heat_overlay(image, prediction.anomaly_map, prediction.threshold)
+    name = f"{sample.path.parent.name}/{sample.path.stem}"
+    return (f"{title}\n{verdict} {prediction.normalized_score:.2f}\n{name}", image, mask, heat)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ RATES = (0.0, 0.01, 0.05)
 
 
 def caught(scores: np.ndarray, good: np.ndarray, rate: float) -> np.ndarray:
-    """Which images score above every good one but the top `rate` share of the good ones."""
-    allowed = int(np.floor(rate * good.sum()))  # good images allowed above the threshold
-    threshold = np.sort(scores[good])[::-1][allowed]
-    return scores > threshold
+    """Which images score above every good one but the top `rate` share of the good ones
+    (stpm.metrics.threshold_for_false_alarms: stpm-eval's report takes the same thresholds)."""
+    from stpm.metrics import threshold_for_false_alarms
+
+    return scores > threshold_for_false_alarms(scores[good], rate)
 
 
 def table(runs: dict[str, Path]) -> list[str]:

@@ -84,13 +84,7 @@ def main() -> None:
                 stages, "map to image size", scoring.resize_map, maps[0, 0].numpy(), image.shape[:2]
             )
             overlay = timed(
-                stages,
-                "overlay drawn",
-                visualize.heatmap_overlay,
-                image,
-                full,
-                detector.threshold_,
-                "",
+                stages, "heat drawn", visualize.heat_overlay, image, full, detector.threshold_
             )
             timed(stages, "PNG written", visualize.write_png, Path(folder) / "o.png", overlay)
     lines = [

@@ -480,8 +480,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     evaluation = evaluate(detector, folder, batch_size=args.batch_size, world=world)
     if evaluation is None:  # a rank other than 0: its scores went to rank 0
         return 0
-    write_report(evaluation, detector.threshold_, args.out)
+    write_report(evaluation, detector, args.out)
     print(format_table(evaluation.metrics))
+    for point in evaluation.metrics["operating_points"]:
+        print(
+            f"{point['chosen_by']} ({point['threshold']:.4g}): caught {point['caught']:.0%} of the "
+            f"defective images, {point['false_alarms']} false alarms "
+            f"({point['false_alarm_rate']:.1%} of the good ones)"
+        )
     if not evaluation.has_masks:
         print(
             f"pixel AUROC and PRO need defect masks ({folder / 'ground_truth'}/<defect>/"

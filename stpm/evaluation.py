@@ -88,9 +88,35 @@ def evaluate(
     scores = np.asarray([score for part, _ in parts for score in part])
     maps = np.stack([small for _, part in parts for small in part])
     results, pixel_roc = summarize(samples, scores, maps)
+    results["operating_points"] = operating_points(samples, scores, detector.threshold_)
     if world.distributed:
         results["images_per_rank"] = [len(part) for part, _ in parts]
     return Evaluation(results, samples, scores, maps, pixel_roc)
+
+
+# how each operating point's threshold is chosen: the model's own, or the one that rejects this
+# share of the test set's good parts (scripts/operating_points.py takes the same)
+OPERATING_POINTS = (("the model's threshold", None), ("1% of good parts rejected", 0.01))
+OPERATING_POINTS += (("5% of good parts rejected", 0.05),)
+
+
+def operating_points(samples: list[data.TestSample], scores: np.ndarray, threshold) -> list[dict]:
+    """What each operating point catches and rejects (stpm.metrics.operating_point), labelled by
+    how its threshold was chosen: the model's own (when it has one), and the thresholds that
+    reject 1% and 5% of the test set's good parts."""
+    labels, defects = defect_labels(samples), [sample.defect for sample in samples]
+    points = []
+    for name, share in OPERATING_POINTS:
+        if share is not None:
+            chosen = metrics.threshold_for_false_alarms(scores[labels == 0], share)
+        elif threshold is not None:
+            chosen = threshold
+        else:
+            continue
+        points.append(
+            {"chosen_by": name, **metrics.operating_point(labels, defects, scores, chosen)}
+        )
+    return points
 
 
 def summarize(
@@ -140,10 +166,11 @@ def _summary(labels: np.ndarray, scores: np.ndarray, pixels: metrics.PixelAccumu
     }
 
 
-def write_report(
-    evaluation: Evaluation, threshold: float | None, out: Path, examples: int = 3
-) -> Path:
-    """metrics.json, roc.png, histogram.png, heatmaps.png and report.md (a table and the pictures)."""
+def write_report(evaluation: Evaluation, detector: STPM, out: Path, examples: int = 3) -> Path:
+    """metrics.json, roc.png, histogram.png, heatmaps.png and report.md: which model, its
+    threshold and rule, the metrics per defect type with true counts, the operating points, and
+    the pictures."""
+    threshold = detector.threshold_
     out.mkdir(parents=True, exist_ok=True)
     results = evaluation.metrics
     text = json.dumps(finite_or_null(results), indent=2, allow_nan=False)
@@ -156,12 +183,26 @@ def write_report(
     if evaluation.has_masks:
         curves["pixel"] = (*evaluation.pixel_roc, results["pixel_auroc"])
     visualize.roc_curves(curves, out / "roc.png")
+    score = "image score: the map's maximum"
+    if detector.image_model:
+        score = "image score: the map's maximum + the image term"
     visualize.score_histogram(
-        scores[labels == 0], scores[labels == 1], threshold, out / "histogram.png"
+        scores[labels == 0], scores[labels == 1], threshold, out / "histogram.png", score
     )
     visualize.comparison_grid(_examples(evaluation, threshold, examples), out / "heatmaps.png")
-    atomic_write_text(out / "report.md", _markdown(results))
+    atomic_write_text(out / "report.md", _markdown(results, _model_lines(detector, score)))
     return out
+
+
+def _model_lines(detector: STPM, score: str) -> list[str]:
+    """Which model was evaluated, and how it decides."""
+    path = getattr(detector.runtime_, "path", None)
+    rule = detector.describe().validation["threshold_rule"]
+    threshold = "none" if detector.threshold_ is None else f"{detector.threshold_:.4g}"
+    return [
+        f"Model: `{path or 'in memory'}` ({detector.runtime_.name}); {score}.",
+        f"Threshold: {threshold}, set by the rule {rule} of its defect-free validation scores.",
+    ]
 
 
 def finite_or_null(value):
@@ -176,54 +217,86 @@ def finite_or_null(value):
 
 
 def _examples(evaluation: Evaluation, threshold: float | None, count: int) -> list:
-    """The best-found defects, the worst-missed defects and the worst false alarms."""
+    """The top- and lowest-scored defects and the top-scored good parts, each named by what the
+    threshold did with it: caught or missed, a false alarm or passed."""
     labels, scores = evaluation.labels, evaluation.scores
     defective, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    picks = [(i, "best found") for i in defective[np.argsort(-scores[defective])][:count]]
-    picks += [(i, "worst missed") for i in defective[np.argsort(scores[defective])][:count]]
-    picks += [(i, "false alarm") for i in good[np.argsort(-scores[good])][:count]]
-    reference = threshold or float(np.quantile(scores, 0.5))
+    picks = [(i, "top defect") for i in defective[np.argsort(-scores[defective])][:count]]
+    picks += [(i, "lowest defect") for i in defective[np.argsort(scores[defective])][:count]]
+    picks += [(i, "top good part") for i in good[np.argsort(-scores[good])][:count]]
+    reference = threshold if threshold is not None else float(np.quantile(scores, 0.5))
     rows = []
-    for index, kind in picks:
-        sample = evaluation.samples[index]
+    for index, group in picks:
+        sample, flagged = evaluation.samples[index], scores[index] > reference
+        if labels[index]:
+            verdict = "caught" if flagged else "missed"
+        else:
+            verdict = "false alarm" if flagged else "passed"
         image = scoring.read_image(sample.path)
         full_map = scoring.resize_map(evaluation.maps[index], image.shape[:2])
         mask = read_mask(sample.mask, image.shape[:2]).astype(np.uint8) * 255
-        overlay = visualize.heatmap_overlay(image, full_map, reference, f"{scores[index]:.3g}")
-        rows.append((f"{kind}\n{sample.defect}/{sample.path.name}", image, mask, overlay))
+        heat = visualize.heat_overlay(image, full_map, reference)
+        title = f"{group}: {verdict}\nscore {scores[index]:.3g}\n{sample.defect}/{sample.path.stem}"
+        rows.append((title, image, mask, heat))
     return rows
 
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max")
 
 
-def _table_rows(results: dict) -> list[tuple[str, int, list[float]]]:
-    """(defect, defective images, metrics in METRIC_KEYS order) per defect, then 'all'."""
+def _table_rows(results: dict) -> list[tuple[str, int, int, list[float]]]:
+    """(defect, its defective images, the good images, metrics in METRIC_KEYS order) per
+    defect, then 'all': each row compares its defective images with every good one."""
+    good = results["images"]["good"]
     rows = [
-        (name, values["images"], [values[key] for key in METRIC_KEYS])
+        (name, values["images"], good, [values[key] for key in METRIC_KEYS])
         for name, values in results["per_defect"].items()
     ]
-    rows.append(("all", results["images"]["defective"], [results[key] for key in METRIC_KEYS]))
-    return rows
+    everything = [results[key] for key in METRIC_KEYS]
+    return rows + [("all", results["images"]["defective"], good, everything)]
 
 
-def _markdown(results: dict) -> str:
-    header = "| defect | images | image AUROC | pixel AUROC | PRO (FPR <= 0.3) | F1-max |\n"
-    header += "| --- | --- | --- | --- | --- | --- |\n"
+def _markdown(results: dict, model: list[str]) -> str:
+    header = "| defect | defective images | good images | image AUROC | pixel AUROC "
+    header += "| PRO (FPR <= 0.3) | F1-max |\n| --- | --- | --- | --- | --- | --- | --- |\n"
     rows = [
-        f"| {name} | {images} | " + " | ".join(_cell(value) for value in values) + " |"
-        for name, images, values in _table_rows(results)
+        f"| {name} | {defective} | {good} | " + " | ".join(_cell(value) for value in values) + " |"
+        for name, defective, good, values in _table_rows(results)
     ]
     return (
         "# Evaluation\n\n"
-        f"{results['images']['good']} good and {results['images']['defective']} defective test "
-        "images; per-defect rows compare that defect's images with all good ones.\n\n"
+        + "\n".join(model)
+        + f"\n\n{results['images']['good']} good and {results['images']['defective']} defective "
+        "test images; each row compares its defective images with all the good ones.\n\n"
         + header
         + "\n".join(rows)
-        + "\n\n"
+        + "\n\n## Operating points\n\n"
+        + _operating_table(results.get("operating_points", []))
+        + "\n\n## Pictures\n\n"
         "![ROC curves](roc.png)\n\n![Score histogram](histogram.png)\n\n"
-        "![Best and worst heatmaps](heatmaps.png)\n"
+        "![Highest- and lowest-scored test images](heatmaps.png)\n"
     )
+
+
+def _operating_table(points: list[dict]) -> str:
+    """Each operating point's threshold, false alarms and defects caught, per defect type."""
+    if not points:
+        return "No operating points: the test set needs good and defective images."
+    kinds = list(points[0]["caught_per_defect"])
+    lines = [
+        "| threshold chosen by | threshold | false alarms (good parts flagged) | caught, all "
+        "defects | " + " | ".join(f"caught, {kind}" for kind in kinds) + " |",
+        "| --- " * (4 + len(kinds)) + "|",
+    ]
+    for point in points:
+        alarms = f"{point['false_alarms']} ({point['false_alarm_rate']:.1%})"
+        caught = [point["caught"], *point["caught_per_defect"].values()]
+        lines.append(
+            f"| {point['chosen_by']} | {point['threshold']:.4g} | {alarms} | "
+            + " | ".join(f"{share:.0%}" for share in caught)
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def _cell(value: float, width: int = 0) -> str:
@@ -234,9 +307,10 @@ def _cell(value: float, width: int = 0) -> str:
 def format_table(results: dict) -> str:
     """The per-defect table as plain text, for the terminal."""
     lines = [
-        f"{'defect':14s} {'images':>6s} {'img AUROC':>9s} {'px AUROC':>9s} {'PRO':>7s} {'F1-max':>7s}"
+        f"{'defect':14s} {'defective':>9s} {'good':>5s} {'img AUROC':>9s} {'px AUROC':>9s} "
+        f"{'PRO':>7s} {'F1-max':>7s}"
     ]
-    for name, images, values in _table_rows(results):
+    for name, defective, good, values in _table_rows(results):
         cells = (_cell(value, width) for value, width in zip(values, (9, 9, 7, 7), strict=True))
-        lines.append(f"{name:14s} {images:6d} " + " ".join(cells))
+        lines.append(f"{name:14s} {defective:9d} {good:5d} " + " ".join(cells))
     return "\n".join(lines)

@@ -114,3 +114,27 @@ def integrate_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     if xs[-1] < limit:
         xs, ys = np.r_[xs, limit], np.r_[ys, np.interp(limit, x, y)]
     return float(np.trapezoid(ys, xs))
+
+
+def threshold_for_false_alarms(good_scores: Sequence[float], share: float) -> float:
+    """The lowest threshold (a score must be above it) that flags at most `share` of the good
+    parts' scores: the score of the good part ranked floor(share * count) + 1 from the top."""
+    ranked = np.sort(np.asarray(good_scores, np.float64))[::-1]
+    return float(ranked[min(int(np.floor(share * len(ranked))), len(ranked) - 1)])
+
+
+def operating_point(
+    labels: np.ndarray, defects: Sequence[str], scores: np.ndarray, threshold: float
+) -> dict:
+    """What a threshold does on a test set: the good parts it flags (false alarms, a count and
+    a share) and the share of defective parts it catches, overall and per defect type."""
+    flagged, good = np.asarray(scores) > threshold, np.asarray(labels) == 0
+    defects = np.asarray(defects)
+    kinds = sorted(set(defects.tolist()) - {"good"})
+    return {
+        "threshold": float(threshold),
+        "false_alarms": int(flagged[good].sum()),
+        "false_alarm_rate": float(flagged[good].mean()) if good.any() else float("nan"),
+        "caught": float(flagged[~good].mean()) if (~good).any() else float("nan"),
+        "caught_per_defect": {kind: float(flagged[defects == kind].mean()) for kind in kinds},
+    }

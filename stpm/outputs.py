@@ -212,10 +212,7 @@ def _write_images(
 ) -> None:
     folder = out / path.resolve().parent.relative_to(base)
     image = prediction.image if prediction.image is not None else scoring.read_image(path)
-    verdict = "ANOMALOUS" if prediction.is_anomalous else "good"
-    label = f"{verdict} {prediction.normalized_score:.2f} (raw {prediction.score:.4g})"
-    overlay = visualize.heatmap_overlay(image, prediction.anomaly_map, prediction.threshold, label)
-    visualize.write_png(folder / f"{path.stem}_overlay.png", overlay)
+    visualize.write_png(folder / f"{path.stem}_overlay.png", visualize.overlay(image, prediction))
     visualize.write_mask(folder / f"{path.stem}_mask.png", prediction.mask)
     if save_map:
         atomic_write(

@@ -59,6 +59,13 @@ class Prediction:
     threshold: float = 0.0  # the raw threshold the verdict was taken against
     image_term: float = 0.0  # the image-level term in score (0 without an image model)
 
+    @property
+    def flagged_by_term(self) -> bool:
+        """Anomalous only with its image term: the map's maximum alone stays at or under the
+        threshold, so no pixel is above it (a change over the whole part, or a faint defect the
+        term adds up)."""
+        return self.is_anomalous and self.score - self.image_term <= self.threshold
+
 
 # ----------------------------------------------------------------------------- decoding
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stpm.cli import eval_main
-from stpm.evaluation import evaluate
+from stpm.evaluation import _examples, evaluate, write_report
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_evaluate_finds_the_synthetic_defects(trained, category):
@@ -34,6 +39,8 @@ def test_eval_command_writes_metrics_and_report(trained, category, tmp_path, cap
         assert f"({picture})" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "scratch" in printed and "all" in printed
+    assert results["operating_points"][0]["chosen_by"] == "the model's threshold"
+    assert "the model's threshold" in printed and "false alarms" in printed
 
 
 @pytest.mark.parametrize("folder", ["missing", "no_test"])
@@ -44,3 +51,44 @@ def test_eval_command_names_the_problem(trained, tmp_path, capsys, folder):
         target.mkdir()
     assert eval_main(["--model", str(run_dir / "model.pt"), "--data", str(target)]) == 2
     assert str(target) in capsys.readouterr().err
+
+
+def test_the_report_counts_and_names_what_the_threshold_does(trained, category, tmp_path):
+    """True counts (each row: its defective images and every good one), the model and its rule,
+    and "false alarm" only for a good part above the threshold."""
+    model, run_dir = trained
+    evaluation = evaluate(model, category)
+    write_report(evaluation, model, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| all | 3 | 3 |" in report and "| scratch | 3 | 3 |" in report
+    assert "mean + 3 * std" in report and "the map's maximum + the image term" in report
+    scores, labels = evaluation.scores, evaluation.labels
+    for threshold in (float(scores.max()) + 1, float(np.median(scores[labels == 0]))):
+        for title, *_ in _examples(evaluation, threshold, 3):
+            name = title.rsplit("\n", 1)[-1]
+            index = next(
+                i for i, s in enumerate(evaluation.samples) if name == f"{s.defect}/{s.path.stem}"
+            )
+            alarm = labels[index] == 0 and scores[index] > threshold
+            assert ("false alarm" in title) == alarm, title
+
+
+def test_the_operating_points_are_those_of_scripts_operating_points(trained, category, tmp_path):
+    model, _ = trained
+    evaluation = evaluate(model, category)
+    points = {p["chosen_by"]: p for p in evaluation.metrics["operating_points"]}
+    assert points["the model's threshold"]["threshold"] == model.threshold_
+    relative = [str(s.path.relative_to(category)) for s in evaluation.samples]
+    np.savez(tmp_path / "maps.npz", scores=evaluation.scores, paths=np.array(relative))
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import operating_points
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    lines = operating_points.table({"stpm": tmp_path / "maps.npz"})
+    for share, name in ((0.01, "1% of good parts rejected"), (0.05, "5% of good parts rejected")):
+        row = next(line for line in lines if line.startswith(f"| stpm | {share:.0%} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")][2:]
+        point = points[name]
+        assert cells == [f"{point['caught']:.2f}", f"{point['caught_per_defect']['scratch']:.2f}"]
+        assert point["false_alarm_rate"] <= share

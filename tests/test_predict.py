@@ -104,7 +104,10 @@ def test_cli_writes_overlays_masks_csv_and_summary(trained, category, tmp_path, 
             for suffix in ("_overlay.png", "_mask.png", "_map.npy"):
                 assert (out / defect / f"{index:03d}{suffix}").is_file()
     overlay = cv2.imread(str(out / "scratch" / "000_overlay.png"))
-    assert overlay.shape == (80, 80, 3)
+    # the image at its own size under a banner (verdict in words, colour scale) as wide as it
+    assert overlay.shape[1:] == (80, 3) and 80 < overlay.shape[0] < 2 * 80
+    mask = cv2.imread(str(out / "scratch" / "000_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (80, 80) and set(np.unique(mask)) <= {0, 255}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 6 and summary["failed"] == 0
     assert "6 images" in capsys.readouterr().out
