@@ -64,11 +64,14 @@ def heat_overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -
     (the mask) in OUTLINE. anomaly_map: float (H, W) at the image's size."""
     reference = threshold if threshold > 0 else max(float(anomaly_map.max()), 1e-12)
     low = FLOOR * reference
-    level = np.clip((anomaly_map - low) / ((TOP - FLOOR) * reference), 0.0, 1.0)
-    alpha = np.clip((anomaly_map - low) / (reference - low), 0.0, 1.0) * OPACITY
-    colours = cv2.applyColorMap((level * 255).astype(np.uint8), COLORMAP)[..., ::-1]
-    alpha = alpha[..., None].astype(np.float32)
-    shown = (image * (1.0 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+    shown = image.copy()
+    hot = anomaly_map > low  # only these pixels change: a good part costs a copy
+    if hot.any():
+        values = anomaly_map[hot]
+        level = np.clip((values - low) / ((TOP - FLOOR) * reference), 0.0, 1.0)
+        alpha = (np.minimum((values - low) / (reference - low), 1.0) * OPACITY)[:, None]
+        colours = cv2.applyColorMap((level * 255).astype(np.uint8)[:, None], COLORMAP)[:, 0, ::-1]
+        shown[hot] = (image[hot] * (1.0 - alpha) + colours * alpha + 0.5).astype(np.uint8)
     outline, _ = cv2.findContours(
         (anomaly_map > threshold).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
     )
