@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import os
 import sys
 import warnings
@@ -654,3 +655,94 @@ def _export_data(args: argparse.Namespace, model_path: Path) -> Path:
     if args.data is not None or args.category:
         return data.category_dir(args.category, args.data, args.data_root)
     return runs.recorded_data(model_path)
+
+
+# ---------------------------------------------------------------------- stpm-serve
+
+
+@_friendly
+def serve_main(argv: list[str] | None = None) -> int:
+    args = _serve_parser().parse_args(argv)
+    needed = ("fastapi", "uvicorn", "python_multipart", "prometheus_client")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise StpmError(f"stpm-serve needs {', '.join(missing)}: pip install 'stpm[serve]'")
+    from . import serve
+    from .service import Limits, Service
+
+    if args.workers < 1 or args.max_batch < 1 or args.queue < 1:
+        raise StpmError("--workers, --max-batch and --queue must be at least 1")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise StpmError("give --tls-cert and --tls-key together")
+    token = _token(args.token_file)
+    args.threads = args.threads or max(1, runtime.default_threads() // args.workers)
+    serve.check_split(args.workers, args.threads)
+    detector, path = _load(args)
+    limits = Limits(
+        workers=args.workers,
+        max_batch=args.max_batch,
+        max_wait=args.max_wait_ms / 1000,
+        queue_size=args.queue,
+        deadline=args.deadline_ms / 1000,
+        body_timeout=args.body_timeout,
+        max_body=int(args.max_body_mb * 2**20),
+        max_pixels=args.max_pixels,
+    )
+    scheme = "https" if args.tls_cert else "http"
+    print(f"stpm-serve: {path.name} on {scheme}://{args.host}:{args.port} (docs at /docs)")
+    tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
+    serve.serve(Service(detector, path, limits), args.host, args.port, token, tls)
+    return 0
+
+
+def _token(path: Path | None) -> str | None:
+    """The bearer token from its file (first line, stripped), or None."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise StpmError(f"cannot read the token file {path}: {error}") from None
+    if len(token) < 16 or any(character.isspace() for character in token):
+        raise StpmError(
+            f"the token in {path} must be one word of at least 16 characters "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = _parser("stpm-serve", "Serve a trained model over HTTP: scores, verdicts, overlays.")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        help=f"model file (default: the newest {runs.RUNS}/**/model.pt)",
+    )
+    network = parser.add_argument_group("network")
+    network.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all of them)")
+    network.add_argument("--port", type=int, default=8000, help="TCP port")
+    network.add_argument(
+        "--token-file", type=Path, help="file holding the bearer token every request must carry"
+    )
+    network.add_argument("--tls-cert", type=Path, help="certificate file (PEM): serve HTTPS")
+    network.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    load = parser.add_argument_group("load")
+    load.add_argument("--workers", type=int, default=1, help="threads running the model")
+    load.add_argument("--max-batch", type=int, default=1, help="images per call (1: no batching)")
+    load.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill"
+    )
+    load.add_argument("--queue", type=int, default=16, help="waiting requests; then 503")
+    load.add_argument(
+        "--deadline-ms", type=float, default=2000, help="a request not scored by then gets 503"
+    )
+    load.add_argument(
+        "--body-timeout", type=float, default=10.0, help="seconds for a body to arrive; then 408"
+    )
+    load.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    load.add_argument(
+        "--max-pixels", type=int, help="largest image (default: stpm.scoring.MAX_IMAGE_PIXELS)"
+    )
+    _add_runtime_arguments(parser)
+    return parser

@@ -6,3 +6,7 @@ class StpmError(Exception):
 
     The message names the path and the fix; the CLI prints it on one line and exits non-zero.
     """
+
+
+class ImageTooLarge(StpmError):
+    """An image whose header asks for more pixels than the limit: refused before decoding."""

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from .errors import StpmError
+from .errors import ImageTooLarge, StpmError
 
 if TYPE_CHECKING:
     from .runtime import Outputs, Runtime
@@ -80,13 +80,16 @@ def read_image(path: str | Path) -> np.ndarray:
     return decode_image(encoded, str(path))
 
 
-def decode_image(encoded: bytes | np.ndarray, name: str = "the image") -> np.ndarray:
+def decode_image(
+    encoded: bytes | np.ndarray, name: str = "the image", max_pixels: int | None = None
+) -> np.ndarray:
     """Encoded bytes of a PNG, JPEG, BMP, TIFF or WebP file (8 or 16 bit) to RGB uint8 (H, W, 3);
-    name says which image in an error."""
+    name says which image in an error. Over max_pixels (default MAX_IMAGE_PIXELS) it is refused
+    from its header (ImageTooLarge)."""
     encoded = np.frombuffer(encoded, np.uint8) if isinstance(encoded, bytes) else encoded
     if encoded.size == 0:
         raise StpmError(f"cannot read {name}: the file is empty")
-    _check_pixel_count(name, encoded)
+    check_pixel_count(encoded, name, max_pixels)
     image = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise StpmError(f"cannot read {name}: not a decodable image (corrupt or unsupported)")
@@ -100,22 +103,26 @@ def decode_image(encoded: bytes | np.ndarray, name: str = "the image") -> np.nda
         raise StpmError(f"cannot read {name}: {error}") from None
 
 
-def _check_pixel_count(name: str, encoded: np.ndarray) -> None:
-    """Refuse images over MAX_IMAGE_PIXELS from their header, before decoding a single pixel."""
+def check_pixel_count(
+    encoded: bytes | np.ndarray, name: str = "the image", max_pixels: int | None = None
+) -> None:
+    """Raise ImageTooLarge for an image over max_pixels (default MAX_IMAGE_PIXELS), read from its
+    header alone, before a single pixel is decoded."""
     from PIL import Image
 
-    limit = f"over the limit of {MAX_IMAGE_PIXELS:,} (stpm.scoring.MAX_IMAGE_PIXELS); downscale it first"
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = f"over the limit of {max_pixels:,} (stpm.scoring.MAX_IMAGE_PIXELS); downscale it first"
     try:
         with warnings.catch_warnings():  # Pillow's notes on a damaged header: OpenCV decides
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(encoded.tobytes())) as header:
+            with Image.open(io.BytesIO(encoded)) as header:
                 height, width = header.height, header.width
     except Image.DecompressionBombError:  # Pillow's own cap, above ours: too big either way
-        raise StpmError(f"cannot read {name}: its pixel count is {limit}") from None
+        raise ImageTooLarge(f"cannot read {name}: its pixel count is {limit}") from None
     except (OSError, ValueError, SyntaxError):
         return  # a format Pillow cannot parse: OpenCV decides (it has its own 2**30 pixel cap)
-    if height * width > MAX_IMAGE_PIXELS:
-        raise StpmError(f"cannot read {name}: {width} x {height} pixels is {limit}")
+    if height * width > max_pixels:
+        raise ImageTooLarge(f"cannot read {name}: {width} x {height} pixels is {limit}")
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:
@@ -378,20 +385,54 @@ def _predict_batch(
     for (name, image), anomaly_map, score, term in zip(
         batch, maps, scores, outputs.terms.tolist(), strict=True
     ):
-        yield (
-            name,
-            Prediction(
-                path=name,
-                score=score,
-                normalized_score=normalized_score(score, threshold, validation_mean),
-                anomaly_map=anomaly_map,
-                mask=anomaly_map > threshold,
-                is_anomalous=score > threshold,
-                image=image if keep_images else None,
-                threshold=threshold,
-                image_term=term,
-            ),
-        )
+        kept = image if keep_images else None
+        yield name, judge(name, score, term, anomaly_map, threshold, validation_mean, kept)
+
+
+def judge(
+    name: str | None,
+    score: float,
+    image_term: float,
+    anomaly_map: np.ndarray,
+    threshold: float,
+    validation_mean: float | None,
+    image: np.ndarray | None = None,
+) -> Prediction:
+    """The verdict on a scored image against a threshold: anomalous above it, and the mask of the
+    pixels above it."""
+    return Prediction(
+        path=name,
+        score=score,
+        normalized_score=normalized_score(score, threshold, validation_mean),
+        anomaly_map=anomaly_map,
+        mask=anomaly_map > threshold,
+        is_anomalous=score > threshold,
+        image=image,
+        threshold=threshold,
+        image_term=image_term,
+    )
+
+
+def with_threshold(
+    prediction: Prediction, threshold: float, validation_mean: float | None
+) -> Prediction:
+    """The same image judged against another threshold (nothing is scored again)."""
+    p = prediction
+    return judge(p.path, p.score, p.image_term, p.anomaly_map, threshold, validation_mean, p.image)
+
+
+def peak(anomaly_map: np.ndarray) -> tuple[int, int]:
+    """Where the map is highest: (x, y) in pixels of the map, (0, 0) top left."""
+    row, column = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+    return int(column), int(row)
+
+
+def boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The bounding boxes (x, y, width, height) of the mask's connected regions (8-connected),
+    largest first."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    regions = sorted(stats[1:count].tolist(), key=lambda region: -region[4])
+    return [tuple(region[:4]) for region in regions]
 
 
 def decode_ahead(

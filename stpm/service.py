@@ -1,0 +1,196 @@
+"""The model behind stpm-serve: a loaded STPM, its identity, and the worker side of a request.
+
+Kept apart from the HTTP layer (stpm.serve) so that another front end (Ray Serve, a gRPC
+gateway) reuses it as it is. A worker thread (stpm.batching) hands `Service.score` a batch of
+jobs; each image is decoded, the batch scored in one call of stpm.scoring.predict, each judged
+against its own threshold and its answer (and overlay PNG) built there, off the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import batching, scoring, visualize
+from .errors import StpmError
+from .version import __version__
+
+
+@dataclass
+class Limits:
+    """How much load the service takes, and how long it waits (stpm-serve's flags)."""
+
+    workers: int = 1  # threads running the model
+    max_batch: int = 1  # images scored in one call; 1 = no micro-batching
+    max_wait: float = 0.0  # seconds a worker waits for a batch to fill
+    queue_size: int = 16  # requests waiting for a worker; beyond it, 503 at once
+    deadline: float = 2.0  # seconds from arrival; a request still queued then gets 503
+    body_timeout: float = 10.0  # seconds for the whole request body to arrive; then 408
+    max_body: int = 32 * 2**20  # bytes; a larger body is refused unread (413)
+    max_pixels: int | None = None  # per image; None: stpm.scoring.MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Job:
+    """One request's image and what it asked for, as a worker receives it."""
+
+    encoded: bytes
+    name: str | None
+    threshold: float  # the raw threshold to judge it against
+    details: bool = False  # add the peak and the mask's boxes
+    overlay: bool = False  # draw the overlay PNG
+    timings: dict = field(default_factory=dict)
+
+
+class Service:
+    """A loaded model behind the queue: what the endpoints call. detector: a loaded STPM."""
+
+    def __init__(self, detector, model_path: str | Path, limits: Limits | None = None) -> None:
+        self.detector, self.limits = detector, limits or Limits()
+        self.threshold: float | None = detector.threshold_
+        self.identity = model_identity(detector, Path(model_path))
+        self.ready = threading.Event()
+        self.batcher = batching.Batcher(
+            self.score,
+            self.limits.workers,
+            self.limits.max_batch,
+            self.limits.max_wait,
+            self.limits.queue_size,
+        )
+
+    def warm(self) -> None:
+        """Run every batch size the workers will use once (OpenVINO compiles each) and one image
+        the whole way, overlay included (what a first request would pay), then be ready."""
+        self.detector.runtime_.warm(range(1, self.limits.max_batch + 1))
+        blank = visualize.encode_png(np.full((64, 64, 3), 128, np.uint8))
+        self.score([Job(blank, None, self.threshold or 0.0, details=True, overlay=True)], [0.0])
+        self.ready.set()
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def score(self, jobs: list[Job], waited: list[float]) -> list[dict | StpmError]:
+        """A worker's batch: decode each image, score those that decode in one call, judge each
+        against its own threshold and build its answer (and overlay) here, off the event loop."""
+        images, results = [], []
+        for job, queued in zip(jobs, waited, strict=True):
+            job.timings["queue"] = queued * 1000
+            started = time.perf_counter()
+            try:
+                images.append(
+                    scoring.decode_image(job.encoded, "the image", self.limits.max_pixels)
+                )
+                results.append(None)
+            except StpmError as error:
+                results.append(error)
+            job.timings["decode"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        scored = self._predict(images, keep_images=any(job.overlay for job in jobs))
+        model_ms = (time.perf_counter() - started) * 1000
+        for index, job in enumerate(jobs):
+            if results[index] is None:
+                job.timings["model"] = model_ms
+                results[index] = self._answer(job, next(scored))
+        return results
+
+    def _predict(self, images: list[np.ndarray], keep_images: bool):
+        if not images:
+            return iter(())
+        d = self.detector
+        found = scoring.predict(
+            d.runtime_,
+            images,
+            d.threshold_ or 0.0,
+            d.validation_mean_,
+            len(images),
+            keep_images=keep_images,
+        )
+        return iter([prediction for _, prediction in found])
+
+    def _answer(self, job: Job, prediction: scoring.Prediction) -> dict:
+        prediction = scoring.with_threshold(
+            prediction, job.threshold, self.detector.validation_mean_
+        )
+        answer = {
+            "name": job.name,
+            "score": prediction.score,
+            "normalized_score": prediction.normalized_score,
+            "verdict": "anomalous" if prediction.is_anomalous else "good",
+            "threshold": prediction.threshold,
+            "image_term": prediction.image_term,
+            "model": self.identity,
+        }
+        if job.details:
+            x, y = scoring.peak(prediction.anomaly_map)
+            answer["peak"] = {"x": x, "y": y, "value": float(prediction.anomaly_map[y, x])}
+            answer["boxes"] = [
+                dict(zip("xywh", box, strict=True)) for box in scoring.boxes(prediction.mask)
+            ]
+        if job.overlay:
+            answer["png"] = visualize.encode_png(visualize.overlay(prediction.image, prediction))
+        return answer
+
+    def threshold_for(self, threshold: float | None, max_false_alarms: float | None) -> float:
+        """The raw threshold a request asks for, or the service's."""
+        if threshold is not None and max_false_alarms is not None:
+            raise StpmError("give threshold or max_false_alarms, not both")
+        if max_false_alarms is not None:
+            return self.detector.threshold_at(max_false_alarms)
+        if threshold is not None:
+            if not np.isfinite(threshold):
+                raise StpmError("threshold must be a finite number")
+            return float(threshold)
+        if self.threshold is None:
+            raise StpmError("this model has no threshold; pass threshold or max_false_alarms")
+        return self.threshold
+
+    def describe(self) -> dict:
+        """What GET /v1/model answers: identity, settings, rule, threshold, validation statistics."""
+        d = self.detector.describe()
+        validation = {key: value for key, value in d.validation.items() if key != "scores"}
+        scores = np.asarray(d.validation.get("scores") or [], np.float64)
+        if scores.size:
+            validation.update(
+                count=int(scores.size),
+                min=float(scores.min()),
+                max=float(scores.max()),
+                quantiles={
+                    q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.95", "0.99")
+                },
+            )
+        return {
+            **self.identity,
+            "threshold": self.threshold,
+            "model_threshold": d.threshold,
+            "max_false_alarms": d.max_false_alarms,
+            "validation": validation,
+            "backbone": d.backbone,
+            "student": d.student_kind,
+            "image_size": d.image_size,
+            "resize_mode": d.resize_mode,
+            "settings": d.settings,
+            "limits": {key: value for key, value in vars(self.limits).items()},
+        }
+
+
+def model_identity(detector, path: Path) -> dict:
+    """What every answer names its model by: the file's SHA-256 (what was deployed, byte for
+    byte), its format version, the runtime and precision; the file's name, not its path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    runtime = detector.runtime_
+    return {
+        "file": path.name,
+        "sha256": digest.hexdigest(),
+        "format_version": detector.describe().to_dict()["format_version"],
+        "runtime": runtime.name,
+        "precision": "int8" if runtime.description.int8 else getattr(runtime, "precision", "f32"),
+        "stpm_version": __version__,
+    }
