@@ -2,10 +2,13 @@
 
 Requests wait in a queue of at most `queue_size`; a full queue is refused at once (Overloaded:
 the service answers 503 with Retry-After), so memory and latency stay bounded whatever the load.
-`workers` threads take requests off the queue: each takes one, then up to `max_batch - 1` more that
-arrive within `max_wait` seconds, and hands them to `handle` as one batch. A request still queued
-past its deadline is answered Expired, not scored late; one whose caller has gone (its future
-cancelled) is dropped unscored.
+`workers` threads take requests off the queue: each takes one, then up to `max_batch - 1` more,
+and hands them to `handle` as one batch. It waits up to `max_wait` seconds for the batch to fill
+only while the last batch had company: a lone client (a camera sending one part at a time)
+never waits for a partner that is not coming, while concurrent clients, whose requests arrive a
+little apart, get full batches (a closed loop of 4 clients otherwise settles into batches of 1
+and 3). A request not taken by a worker by its deadline is answered Expired, not scored late;
+one whose caller has gone (its future cancelled) is dropped unscored.
 
 The batch runs on a worker thread: the event loop only enqueues and awaits (asyncio futures,
 resolved with call_soon_threadsafe), so one slow image never blocks another request's I/O.
@@ -46,6 +49,7 @@ class _Entry:
     queued: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    taken: bool = False  # a worker has it: it will be scored
 
 
 class Batcher:
@@ -65,6 +69,7 @@ class Batcher:
         self.handle, self.max_batch, self.max_wait = handle, max_batch, max_wait
         self.queue: queue.Queue[_Entry | None] = queue.Queue(queue_size)
         self.seconds_per_batch = 0.05  # a running estimate, for Retry-After
+        self.last_size = 1  # the last batch's size: above 1, the next one waits to fill
         self.threads = [
             threading.Thread(target=self._work, name=f"stpm-worker-{index}", daemon=True)
             for index in range(workers)
@@ -74,14 +79,19 @@ class Batcher:
             thread.start()
 
     @property
+    def full(self) -> bool:
+        """Whether a request now would be refused (checked before its body is even read)."""
+        return self.queue.full()
+
+    @property
     def depth(self) -> int:
         """Requests waiting now (not those being scored)."""
         return self.queue.qsize()
 
     async def submit(self, item: Any, deadline: float) -> Any:
         """Queue item and wait for its result. Raises Overloaded at once when the queue is full,
-        Expired when it is still queued at deadline (time.monotonic()); cancelling the awaiting
-        task drops the item unscored if no worker has taken it yet."""
+        Expired at deadline (time.monotonic()) if no worker has taken it by then; cancelling the
+        awaiting task drops the item unscored if no worker has taken it yet."""
         if self.closed:
             raise Closed("the service is shutting down")
         loop = asyncio.get_running_loop()
@@ -90,7 +100,18 @@ class Batcher:
             self.queue.put_nowait(entry)
         except queue.Full:
             raise Overloaded(self.retry_after()) from None
-        return await entry.future
+        try:
+            wait = deadline - time.monotonic()
+            return await asyncio.wait_for(asyncio.shield(entry.future), wait)
+        except asyncio.TimeoutError:
+            if entry.taken:  # being scored: its answer is moments away
+                return await entry.future
+            entry.future.cancel()  # a worker that reaches it now skips it
+            waited = time.monotonic() - entry.queued
+            raise Expired(f"waited {waited:.2f} s in the queue, past its deadline") from None
+        except asyncio.CancelledError:  # the caller left: drop it unless a worker has it
+            entry.future.cancel()
+            raise
 
     def retry_after(self) -> float:
         """Seconds until the queue has likely drained: batches ahead times a batch's time."""
@@ -147,7 +168,9 @@ class Batcher:
         first = self.queue.get()
         if first is None:
             return None
-        batch, until = [first], time.monotonic() + self.max_wait
+        first.taken = True
+        wait = self.max_wait if self.last_size > 1 else 0.0
+        batch, until = [first], time.monotonic() + wait
         while len(batch) < self.max_batch:
             remaining = until - time.monotonic()
             try:
@@ -159,7 +182,9 @@ class Batcher:
             if entry is None:  # a stop signal: pass it on after this batch
                 self.queue.put(None)
                 break
+            entry.taken = True
             batch.append(entry)
+        self.last_size = len(batch)
         return batch
 
     @staticmethod

@@ -729,9 +729,15 @@ def _serve_parser() -> argparse.ArgumentParser:
     network.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     load = parser.add_argument_group("load")
     load.add_argument("--workers", type=int, default=1, help="threads running the model")
-    load.add_argument("--max-batch", type=int, default=1, help="images per call (1: no batching)")
     load.add_argument(
-        "--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill"
+        "--max-batch", type=int, default=4, help="most images per call (1: no batching)"
+    )
+    load.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a worker waits for a batch to fill, while the last one had company "
+        "(0: it takes what is queued)",
     )
     load.add_argument("--queue", type=int, default=16, help="waiting requests; then 503")
     load.add_argument(

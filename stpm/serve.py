@@ -96,7 +96,7 @@ async def read_body(request, limits: Limits) -> bytes:
 
     try:
         await asyncio.wait_for(gather(), limits.body_timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         raise Problem(
             408,
             f"the body did not arrive within {limits.body_timeout:g} s",
@@ -382,6 +382,9 @@ async def answer_for(request: Request, overlay: bool, threshold, max_false_alarm
     service: Service = request.app.state.service
     if not service.ready.is_set():
         raise Problem(503, "the model is still loading", {"Retry-After": "1"})
+    if service.batcher.full:  # refused before the body is read: overload costs little
+        retry = str(round(service.batcher.retry_after()))
+        raise Problem(503, "the queue is full", {"Retry-After": retry, "Connection": "close"})
     threshold = service.threshold_for(threshold, max_false_alarms)
     body = await read_body(request, service.limits)
     encoded, filename = await image_from(request, body)

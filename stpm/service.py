@@ -26,8 +26,10 @@ class Limits:
     """How much load the service takes, and how long it waits (stpm-serve's flags)."""
 
     workers: int = 1  # threads running the model
-    max_batch: int = 1  # images scored in one call; 1 = no micro-batching
-    max_wait: float = 0.0  # seconds a worker waits for a batch to fill
+    max_batch: int = 4  # images scored in one call at most; 1 = no micro-batching
+    max_wait: float = (
+        0.002  # seconds a worker waits for a batch to fill, while batches have company
+    )
     queue_size: int = 16  # requests waiting for a worker; beyond it, 503 at once
     deadline: float = 2.0  # seconds from arrival; a request still queued then gets 503
     body_timeout: float = 10.0  # seconds for the whole request body to arrive; then 408
