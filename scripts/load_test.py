@@ -406,6 +406,9 @@ def write(results: dict, out: Path, command: str) -> None:
         "saw them; 'server p99' is the accepted (200) requests' own time in the server's log. "
         "CPU columns: cores used on average (2 = the whole machine).",
         "",
+        "stpm-serve's defaults: 1 worker x 2 threads, max batch 4, max wait 2 ms (a batch waits "
+        "to fill only while the last one had company).",
+        "",
         "Targets:",
         *checks,
     ]
