@@ -35,6 +35,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import batching, scoring
 from .errors import ImageTooLarge, StpmError
@@ -96,6 +97,8 @@ async def read_body(request, limits: Limits) -> bytes:
 
     try:
         await asyncio.wait_for(gather(), limits.body_timeout)
+    except ClientDisconnect:  # gone mid-body: nobody reads the answer, the log shows 499
+        raise Problem(499, "the client hung up while sending") from None
     except asyncio.TimeoutError:
         raise Problem(
             408,

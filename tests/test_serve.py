@@ -269,6 +269,19 @@ def test_a_trickling_body_is_dropped(model, onnx_file):
         assert post(url, b"nothing").status_code == 415  # and it goes on
 
 
+def test_a_client_gone_mid_body_is_logged_not_failed(model, onnx_file):
+    with running(model, onnx_file) as (url, _, log):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            head = "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+            client.sendall(head.encode() + b"\x89PNG")
+        until = time.monotonic() + 5
+        while '"status": 499' not in log.getvalue() and time.monotonic() < until:
+            time.sleep(0.05)
+        assert '"status": 499' in log.getvalue() and "Traceback" not in log.getvalue()
+        assert post(url, b"nothing").status_code == 415
+
+
 def test_deadline_and_overload(model, onnx_file, images):
     good = images[0].read_bytes()
     with running(model, onnx_file, deadline=0.3, queue_size=2, max_batch=1) as (url, service, _):
