@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import time
 import urllib.parse
 import warnings
@@ -383,6 +384,8 @@ def create_app(service: Service, token: str | None = None):
 async def answer_for(request: Request, overlay: bool, threshold, max_false_alarms, name, details):
     """Read, check, queue and score one request's image: its answer, None if the client left."""
     service: Service = request.app.state.service
+    if service.draining:
+        raise Problem(503, "the service is shutting down", {"Connection": "close"})
     if not service.ready.is_set():
         raise Problem(503, "the model is still loading", {"Retry-After": "1"})
     if service.batcher.full:  # refused before the body is read: overload costs little
@@ -506,7 +509,10 @@ async def healthz():
 
 @routes.get("/readyz", summary="The model is loaded and warm")
 async def readyz(request: Request):
-    if not request.app.state.service.ready.is_set():
+    service: Service = request.app.state.service
+    if service.draining:
+        raise Problem(503, "the service is shutting down")
+    if not service.ready.is_set():
         raise Problem(503, "the model is still warming up", {"Retry-After": "1"})
     return {"status": "ready"}
 
@@ -549,7 +555,8 @@ def config(
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=5,
+        # what is queued is answered by its deadline: the wait on a stop covers it
+        timeout_graceful_shutdown=service.limits.deadline + service.limits.body_timeout,
     )
 
 
@@ -561,8 +568,6 @@ def serve(
     tls: tuple[str, str] | None = None,
 ) -> None:
     """Run the service until interrupted (Ctrl-C or SIGTERM)."""
-    import uvicorn
-
     if token is None:
         warnings.warn(
             "no --token-file: the service is open (anyone who reaches it may score images; "
@@ -575,4 +580,31 @@ def serve(
                 stacklevel=2,
             )
     configure_logging()
-    uvicorn.Server(config(service, host, port, token, tls)).run()
+    Server(config(service, host, port, token, tls), service).run()
+
+
+class Server:
+    """uvicorn's server, stopping as systemd and Kubernetes expect: on SIGTERM (or Ctrl-C) the
+    service takes nothing new (/readyz answers 503), uvicorn stops accepting and waits for the
+    requests in hand, whose queued ones are answered by their deadline, and the process exits 0
+    on SIGTERM (uvicorn re-raises the signal it caught; the handler it restores ignores it)."""
+
+    def __init__(self, config, service: Service) -> None:
+        import uvicorn
+
+        self.server, self.service = uvicorn.Server(config), service
+        handle_exit = self.server.handle_exit
+
+        def draining(sig, frame) -> None:
+            service.draining = True
+            log.info(json.dumps({"event": "stopping", "signal": signal.Signals(sig).name}))
+            handle_exit(sig, frame)
+
+        self.server.handle_exit = draining
+
+    def run(self) -> None:
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            self.server.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)

@@ -58,7 +58,8 @@ class Service:
         self.detector, self.limits = detector, limits or Limits()
         self.threshold: float | None = detector.threshold_
         self.identity = model_identity(detector, Path(model_path))
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # loaded and warm
+        self.draining = False  # shutting down: what is queued is scored, nothing new taken
         self.batcher = batching.Batcher(
             self.score,
             self.limits.workers,

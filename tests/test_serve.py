@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -398,6 +399,57 @@ def test_cli_refuses_bad_settings(onnx_file, tmp_path):
         )  # fmt: skip
         assert result.returncode == 2, result.stderr
         assert said in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_under_load_answers_every_accepted_request(onnx_file, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+    code = "from stpm.cli import serve_main; raise SystemExit(serve_main())"
+    command = [sys.executable, "-c", code, str(onnx_file), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        until = time.monotonic() + 60
+        while time.monotonic() < until:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        body, stop, answers, refused = make_png(), threading.Event(), [], []
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=10) as http:
+                while not stop.is_set():
+                    try:
+                        answers.append(http.post("/v1/predict", content=body).status_code)
+                    except httpx.TransportError:  # not taken: the server had stopped accepting
+                        refused.append(1)
+                        time.sleep(0.05)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    handled = [line["status"] for line in lines if line.get("path") == "/v1/predict"]
+    assert answers and set(answers) <= {200, 503}, set(answers)
+    assert sorted(handled) == sorted(answers)  # every request the server took was answered
+    assert answers.count(200) > 20
+    assert any(line.get("event") == "stopping" for line in lines)
+
+
+def make_png() -> bytes:
+    return visualize.encode_png(np.full((80, 80, 3), 128, np.uint8))
 
 
 # ---------------------------------------------------------------------------- fuzz
