@@ -670,10 +670,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     from . import serve
     from .service import Limits, Service
 
-    if args.workers < 1 or args.max_batch < 1 or args.queue < 1:
-        raise StpmError("--workers, --max-batch and --queue must be at least 1")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise StpmError("give --tls-cert and --tls-key together")
+    _check_serve_arguments(args)
     token = _token(args.token_file)
     args.threads = args.threads or max(1, runtime.default_threads() // args.workers)
     serve.check_split(args.workers, args.threads)
@@ -693,6 +690,29 @@ def serve_main(argv: list[str] | None = None) -> int:
     tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
     serve.serve(Service(detector, path, limits), args.host, args.port, token, tls)
     return 0
+
+
+def _check_serve_arguments(args: argparse.Namespace) -> None:
+    """Limits that make sense, and a certificate that loads, before the model is loaded."""
+    if args.workers < 1 or args.max_batch < 1 or args.queue < 1:
+        raise StpmError("--workers, --max-batch and --queue must be at least 1")
+    if args.max_wait_ms < 0:
+        raise StpmError("--max-wait-ms must be 0 or more")
+    positive = ("deadline_ms", "body_timeout", "max_body_mb", "max_pixels")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise StpmError(f"--{name.replace('_', '-')} must be above 0")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise StpmError("give --tls-cert and --tls-key together")
+    if args.tls_cert is not None:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.tls_cert, args.tls_key
+            )
+        except (OSError, ssl.SSLError) as error:
+            raise StpmError(f"cannot use --tls-cert/--tls-key: {error}") from None
 
 
 def _token(path: Path | None) -> str | None:
@@ -741,7 +761,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--queue", type=int, default=16, help="waiting requests; then 503")
     load.add_argument(
-        "--deadline-ms", type=float, default=2000, help="a request not scored by then gets 503"
+        "--deadline-ms",
+        type=float,
+        default=2000,
+        help="a request no worker has taken this long after its body arrived gets 503",
     )
     load.add_argument(
         "--body-timeout", type=float, default=10.0, help="seconds for a body to arrive; then 408"

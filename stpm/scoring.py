@@ -104,10 +104,14 @@ def decode_image(
 
 
 def check_pixel_count(
-    encoded: bytes | np.ndarray, name: str = "the image", max_pixels: int | None = None
+    encoded: bytes | np.ndarray,
+    name: str = "the image",
+    max_pixels: int | None = None,
+    strict: bool = False,
 ) -> None:
     """Raise ImageTooLarge for an image over max_pixels (default MAX_IMAGE_PIXELS), read from its
-    header alone, before a single pixel is decoded."""
+    header alone, before a single pixel is decoded. A header Pillow cannot parse is left to
+    OpenCV (its own cap is 2**30 pixels), or with strict=True refused (StpmError)."""
     from PIL import Image
 
     max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -120,6 +124,8 @@ def check_pixel_count(
     except Image.DecompressionBombError:  # Pillow's own cap, above ours: too big either way
         raise ImageTooLarge(f"cannot read {name}: its pixel count is {limit}") from None
     except (OSError, ValueError, SyntaxError):
+        if strict:
+            raise StpmError(f"cannot read {name}: its header is damaged or unsupported") from None
         return  # a format Pillow cannot parse: OpenCV decides (it has its own 2**30 pixel cap)
     if height * width > max_pixels:
         raise ImageTooLarge(f"cannot read {name}: {width} x {height} pixels is {limit}")

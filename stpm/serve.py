@@ -111,7 +111,8 @@ async def read_body(request, limits: Limits) -> bytes:
 
 async def image_from(request, body: bytes) -> tuple[bytes, str | None]:
     """The image and its filename: the body itself, or a multipart form's first file."""
-    kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    kind = request.headers.get("content-type", "application/octet-stream")
+    kind = kind.split(";")[0].strip().lower()
     if kind != "multipart/form-data":
         if kind not in RAW_TYPES and not kind.startswith("image/"):
             raise Problem(415, f"send the image as the body (image/*) or multipart, not {kind}")
@@ -128,7 +129,10 @@ async def image_from(request, body: bytes) -> tuple[bytes, str | None]:
     uploads = [value for _, value in form.multi_items() if hasattr(value, "read")]
     if not uploads:
         raise Problem(422, "the multipart form has no file field")
-    return await uploads[0].read(), uploads[0].filename
+    try:
+        return await uploads[0].read(), uploads[0].filename
+    finally:
+        await uploads[0].close()
 
 
 def check_image(encoded: bytes, limits: Limits) -> None:
@@ -137,7 +141,7 @@ def check_image(encoded: bytes, limits: Limits) -> None:
         raise Problem(422, "the body is empty: send an image")
     image_type(encoded)
     try:
-        scoring.check_pixel_count(encoded, "the image", limits.max_pixels)
+        scoring.check_pixel_count(encoded, "the image", limits.max_pixels, strict=True)
     except ImageTooLarge as error:
         raise Problem(413, str(error)) from None
 
@@ -151,7 +155,8 @@ async def until_disconnected(receive: Callable) -> None:
 async def run_job(service: Service, job: Job, request) -> dict | None:
     """The job's answer from the queue, None if the client hung up first (the job is dropped
     unscored if it was still queued); Problem 503 when full, expired or shutting down."""
-    deadline = request.scope["stpm"]["arrived"] + service.limits.deadline
+    deadline = time.monotonic() + service.limits.deadline  # from the body's arrival: a slow
+    # upload (bounded by body_timeout) does not eat the time its scoring may wait
     scoring_task = asyncio.ensure_future(service.batcher.submit(job, deadline))
     watch = asyncio.ensure_future(until_disconnected(request.receive))
     try:
@@ -220,6 +225,10 @@ class Guard:
                 status[0] = 401
             else:
                 await self.app(scope, receive, counted)
+        except Exception:  # the app's 500 is sent and logged (on_bug): no second traceback
+            if not status[0]:
+                await send_problem(send, Problem(500, "the service failed on this request"))
+                status[0] = 500
         finally:
             self._record(scope, status[0] or 499, time.monotonic() - arrived)
 
@@ -245,7 +254,10 @@ class Guard:
             "ms": round(seconds * 1000, 2),
             **{key: value for key, value in found.items() if key != "arrived"},
         }
-        log.info(json.dumps(line, allow_nan=False, default=str))
+        try:
+            log.info(json.dumps(line, allow_nan=False, default=str))
+        except ValueError:  # a NaN: the line without the numbers
+            log.info(json.dumps({k: v for k, v in line.items() if not isinstance(v, float)}))
 
 
 async def send_problem(send, problem: Problem) -> None:
@@ -363,9 +375,15 @@ def create_app(service: Service, token: str | None = None):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         warming = asyncio.ensure_future(asyncio.to_thread(service.warm))
+        warming.add_done_callback(warm_failed)
         yield
         warming.cancel()
         await asyncio.to_thread(service.close)
+
+    def warm_failed(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            service.failure = f"warming the model failed: {task.exception()}"
+            log.error(json.dumps({"event": "failed", "detail": service.failure}))
 
     app = FastAPI(
         title="stpm",
@@ -388,27 +406,38 @@ async def answer_for(request: Request, overlay: bool, threshold, max_false_alarm
         raise Problem(503, "the service is shutting down", {"Connection": "close"})
     if not service.ready.is_set():
         raise Problem(503, "the model is still loading", {"Retry-After": "1"})
-    if service.batcher.full:  # refused before the body is read: overload costs little
+    # refused before the body is read: overload costs little, and the bodies held in memory
+    # are bounded (twice what the queue and the workers take, each at most max_body)
+    if service.batcher.full or service.holding >= 2 * service.capacity:
         retry = str(round(service.batcher.retry_after()))
         raise Problem(503, "the queue is full", {"Retry-After": retry, "Connection": "close"})
     threshold = service.threshold_for(threshold, max_false_alarms)
+    service.holding += 1  # on the event loop's thread alone: no lock
+    try:
+        job = await job_from(request, service, name, threshold, details, overlay)
+        answer = await run_job(service, job, request)
+    finally:
+        service.holding -= 1
+    if answer is None:
+        return None
+    found = request.scope["stpm"]
+    found.update(name=job.name, verdict=answer["verdict"], score=answer["score"])
+    timings = {key: round(value, 3) for key, value in job.timings.items()}
+    timings["total"] = round((time.monotonic() - found["arrived"]) * 1000, 3)
+    answer["timings_ms"] = timings
+    found.update(timings)
+    return answer
+
+
+async def job_from(request: Request, service: Service, name, threshold, details, overlay) -> Job:
+    """The request's image read and checked (size, time, type, pixels) and its name."""
     body = await read_body(request, service.limits)
     encoded, filename = await image_from(request, body)
     name = name if name is not None else filename
     if name is not None and len(name) > MAX_NAME:
         raise Problem(422, f"the name is longer than {MAX_NAME} characters")
     check_image(encoded, service.limits)
-    job = Job(encoded, name, threshold, details, overlay)
-    answer = await run_job(service, job, request)
-    if answer is None:
-        return None
-    found = request.scope["stpm"]
-    found.update(name=name, verdict=answer["verdict"], score=answer["score"])
-    timings = {key: round(value, 3) for key, value in job.timings.items()}
-    timings["total"] = round((time.monotonic() - found["arrived"]) * 1000, 3)
-    answer["timings_ms"] = timings
-    found.update(timings)
-    return answer
+    return Job(encoded, name, threshold, details, overlay)
 
 
 routes = APIRouter()
@@ -503,15 +532,17 @@ async def set_threshold(
 
 
 @routes.get("/healthz", summary="Alive")
-async def healthz():
+async def healthz(request: Request):
+    if request.app.state.service.failure:  # alive, but of no use: a supervisor restarts it
+        raise Problem(503, request.app.state.service.failure)
     return {"status": "alive"}
 
 
 @routes.get("/readyz", summary="The model is loaded and warm")
 async def readyz(request: Request):
     service: Service = request.app.state.service
-    if service.draining:
-        raise Problem(503, "the service is shutting down")
+    if service.draining or service.failure:
+        raise Problem(503, service.failure or "the service is shutting down")
     if not service.ready.is_set():
         raise Problem(503, "the model is still warming up", {"Retry-After": "1"})
     return {"status": "ready"}

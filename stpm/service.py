@@ -31,7 +31,7 @@ class Limits:
         0.002  # seconds a worker waits for a batch to fill, while batches have company
     )
     queue_size: int = 16  # requests waiting for a worker; beyond it, 503 at once
-    deadline: float = 2.0  # seconds from arrival; a request still queued then gets 503
+    deadline: float = 2.0  # seconds from the body's arrival; a request still queued then gets 503
     body_timeout: float = 10.0  # seconds for the whole request body to arrive; then 408
     max_body: int = 32 * 2**20  # bytes; a larger body is refused unread (413)
     max_pixels: int | None = None  # per image; None: stpm.scoring.MAX_IMAGE_PIXELS
@@ -60,6 +60,8 @@ class Service:
         self.identity = model_identity(detector, Path(model_path))
         self.ready = threading.Event()  # loaded and warm
         self.draining = False  # shutting down: what is queued is scored, nothing new taken
+        self.failure: str | None = None  # why the model cannot serve (warming failed)
+        self.holding = 0  # requests between their body's first byte and their answer
         self.batcher = batching.Batcher(
             self.score,
             self.limits.workers,
@@ -67,6 +69,11 @@ class Service:
             self.limits.max_wait,
             self.limits.queue_size,
         )
+
+    @property
+    def capacity(self) -> int:
+        """Requests the service holds at most when full: queued, and in the workers' hands."""
+        return self.limits.queue_size + self.limits.workers * self.limits.max_batch
 
     def warm(self) -> None:
         """Run every batch size the workers will use once (OpenVINO compiles each) and one image
@@ -108,7 +115,11 @@ class Service:
                 results.append(job.error)
                 continue
             job.timings["model"] = model_ms
-            results.append(self._answer(job, next(scored)))
+            prediction = next(scored)
+            try:  # one job's details or overlay failing fails that job alone
+                results.append(self._answer(job, prediction))
+            except Exception as error:
+                results.append(error)
         return results
 
     def _predict(self, images: list[np.ndarray], keep_images: bool):

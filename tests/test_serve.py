@@ -50,13 +50,15 @@ def images(category) -> list[Path]:
 
 
 @contextlib.contextmanager
-def running(model, onnx_file, token=None, tls=None, hold_warm=None, **limits):
+def running(model, onnx_file, token=None, tls=None, hold_warm=None, warm=None, **limits):
     """A server on 127.0.0.1:<free port>; yields (url, service, log). hold_warm: an Event the
-    warm-up waits for (the service stays unready until it is set)."""
+    warm-up waits for (the service stays unready until it is set); warm: instead of warming."""
     service = Service(model, onnx_file, Limits(**limits))
     if hold_warm is not None:
-        warm = service.warm
-        service.warm = lambda: (hold_warm.wait(10), warm())
+        warming = service.warm
+        service.warm = lambda: (hold_warm.wait(10), warming())
+    if warm is not None:
+        service.warm, hold_warm = warm, threading.Event()
     log = io.StringIO()
     serve.configure_logging(log)
     sock = socket.socket()
@@ -202,6 +204,7 @@ def test_every_error_status(model, onnx_file, images):
         assert_problem(post(url, png_header(30_000, 30_000)), 413)  # a decompression bomb
         assert_problem(post(url, b"GIF89a" + b"\0" * 100), 415)
         assert_problem(post(url, good, headers={"Content-Type": "application/json"}), 415)
+        assert post(url, good, headers={"Content-Type": "Image/PNG"}).status_code == 200
         assert_problem(post(url, b"\x00\x01 random bytes"), 415)
         assert_problem(post(url, good[: len(good) // 3]), 422)  # truncated
         assert_problem(post(url, b""), 422)
@@ -348,6 +351,18 @@ def test_not_ready_until_warm_and_client_retries(model, onnx_file, images):
             assert client.ready()
 
 
+def test_a_model_that_fails_to_warm_is_reported(model, onnx_file, images):
+    def broken() -> None:
+        raise RuntimeError("no memory for batch 4")
+
+    with running(model, onnx_file, warm=broken) as (url, _, log):
+        time.sleep(0.3)
+        for path in ("/healthz", "/readyz"):
+            problem = assert_problem(httpx.get(url + path), 503)
+            assert "warming the model failed: no memory for batch 4" in problem["detail"]
+        assert '"event": "failed"' in log.getvalue()
+
+
 def test_metrics_and_log(model, onnx_file, images):
     with running(model, onnx_file) as (url, _, log), Client(url) as client:
         client.predict(images[0])
@@ -391,6 +406,9 @@ def test_cli_refuses_bad_settings(onnx_file, tmp_path):
         (["--token-file", str(tmp_path / "none")], "cannot read the token file"),
         (["--workers", "64", "--threads", "1"], "more than the"),
         (["--tls-cert", str(short)], "together"),
+        (["--tls-cert", str(short), "--tls-key", str(short)], "cannot use --tls-cert"),
+        (["--max-wait-ms", "-1"], "--max-wait-ms must be 0 or more"),
+        (["--deadline-ms", "0"], "--deadline-ms must be above 0"),
     ):
         result = subprocess.run(
             [sys.executable, "-c", "from stpm.cli import serve_main; raise SystemExit(serve_main())",
