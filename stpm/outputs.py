@@ -235,7 +235,7 @@ def _write_row(writer, handle, source, prediction: Prediction | None, error: str
             path=str(source),
             score=prediction.score,
             normalized_score=prediction.normalized_score,
-            verdict="anomalous" if prediction.is_anomalous else "good",
+            verdict=prediction.verdict,
         )
     row["error"] = error
     writer.writerow(_csv_line(row))

@@ -192,8 +192,7 @@ def _result_row(outcome: Prediction | StpmError) -> tuple:
     """One row's RESULT_COLUMNS; an error scores NaN and carries its message (as stpm.scoring)."""
     if isinstance(outcome, StpmError):
         return np.nan, np.nan, False, "error", str(outcome)
-    verdict = "anomalous" if outcome.is_anomalous else "good"
-    return outcome.score, outcome.normalized_score, outcome.is_anomalous, verdict, ""
+    return outcome.score, outcome.normalized_score, outcome.is_anomalous, outcome.verdict, ""
 
 
 def _map_column(anomaly_maps: list[np.ndarray]) -> np.ndarray:

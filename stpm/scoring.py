@@ -60,6 +60,11 @@ class Prediction:
     image_term: float = 0.0  # the image-level term in score (0 without an image model)
 
     @property
+    def verdict(self) -> str:
+        """The verdict in the word every output uses: "anomalous" or "good"."""
+        return "anomalous" if self.is_anomalous else "good"
+
+    @property
     def flagged_by_term(self) -> bool:
         """Anomalous only with its image term: the map's maximum alone stays at or under the
         threshold, so no pixel is above it (a change over the whole part, or a faint defect the

@@ -402,10 +402,7 @@ def create_app(service: Service, token: str | None = None):
 async def answer_for(request: Request, overlay: bool, threshold, max_false_alarms, name, details):
     """Read, check, queue and score one request's image: its answer, None if the client left."""
     service: Service = request.app.state.service
-    if service.draining:
-        raise Problem(503, "the service is shutting down", {"Connection": "close"})
-    if not service.ready.is_set():
-        raise Problem(503, "the model is still loading", {"Retry-After": "1"})
+    check_available(service)
     # refused before the body is read: overload costs little, and the bodies held in memory
     # are bounded (twice what the queue and the workers take, each at most max_body)
     if service.batcher.full or service.holding >= 2 * service.capacity:
@@ -427,6 +424,17 @@ async def answer_for(request: Request, overlay: bool, threshold, max_false_alarm
     answer["timings_ms"] = timings
     found.update(timings)
     return answer
+
+
+def check_available(service: Service) -> None:
+    """Problem 503 while the service takes no request: come back in a second while it warms,
+    elsewhere (Connection: close) while it stops; a failed warm-up says why."""
+    why = service.unavailable()
+    if why is None:
+        return
+    if service.draining:
+        raise Problem(503, why, {"Connection": "close"})
+    raise Problem(503, why, {} if service.failure else {"Retry-After": "1"})
 
 
 async def job_from(request: Request, service: Service, name, threshold, details, overlay) -> Job:
@@ -540,11 +548,7 @@ async def healthz(request: Request):
 
 @routes.get("/readyz", summary="The model is loaded and warm")
 async def readyz(request: Request):
-    service: Service = request.app.state.service
-    if service.draining or service.failure:
-        raise Problem(503, service.failure or "the service is shutting down")
-    if not service.ready.is_set():
-        raise Problem(503, "the model is still warming up", {"Retry-After": "1"})
+    check_available(request.app.state.service)
     return {"status": "ready"}
 
 

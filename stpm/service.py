@@ -18,6 +18,7 @@ import numpy as np
 
 from . import batching, scoring, visualize
 from .errors import StpmError
+from .modelfile import FORMAT_VERSION
 from .version import __version__
 
 
@@ -27,9 +28,7 @@ class Limits:
 
     workers: int = 1  # threads running the model
     max_batch: int = 4  # images scored in one call at most; 1 = no micro-batching
-    max_wait: float = (
-        0.002  # seconds a worker waits for a batch to fill, while batches have company
-    )
+    max_wait: float = 0.002  # seconds a batch may wait to fill, while batches have company
     queue_size: int = 16  # requests waiting for a worker; beyond it, 503 at once
     deadline: float = 2.0  # seconds from the body's arrival; a request still queued then gets 503
     body_timeout: float = 10.0  # seconds for the whole request body to arrive; then 408
@@ -83,6 +82,17 @@ class Service:
         self.score([Job(blank, None, self.threshold or 0.0, details=True, overlay=True)], [0.0])
         self.ready.set()
 
+    def unavailable(self) -> str | None:
+        """Why the service takes no request now (warming failed, shutting down, still loading),
+        or None."""
+        if self.failure:
+            return self.failure
+        if self.draining:
+            return "the service is shutting down"
+        if not self.ready.is_set():
+            return "the model is still loading"
+        return None
+
     def close(self) -> None:
         self.batcher.close()
 
@@ -107,7 +117,7 @@ class Service:
                 self.decode(job)
         ready = [job for job in jobs if job.error is None]
         started = time.perf_counter()
-        scored = self._predict([job.image for job in ready], any(job.overlay for job in jobs))
+        scored = self._predict(ready, any(job.overlay for job in jobs))
         model_ms = (time.perf_counter() - started) * 1000
         results = []
         for job in jobs:
@@ -122,29 +132,31 @@ class Service:
                 results.append(error)
         return results
 
-    def _predict(self, images: list[np.ndarray], keep_images: bool):
-        if not images:
+    def _predict(self, jobs: list[Job], keep_images: bool):
+        """The jobs' images scored in one call, judged against the first job's threshold (a
+        job asking for another is judged again in _answer)."""
+        if not jobs:
             return iter(())
         d = self.detector
         found = scoring.predict(
             d.runtime_,
-            images,
-            d.threshold_ or 0.0,
+            [job.image for job in jobs],
+            jobs[0].threshold,
             d.validation_mean_,
-            len(images),
+            len(jobs),
             keep_images=keep_images,
         )
         return iter([prediction for _, prediction in found])
 
     def _answer(self, job: Job, prediction: scoring.Prediction) -> dict:
-        prediction = scoring.with_threshold(
-            prediction, job.threshold, self.detector.validation_mean_
-        )
+        if prediction.threshold != job.threshold:
+            mean = self.detector.validation_mean_
+            prediction = scoring.with_threshold(prediction, job.threshold, mean)
         answer = {
             "name": job.name,
             "score": prediction.score,
             "normalized_score": prediction.normalized_score,
-            "verdict": "anomalous" if prediction.is_anomalous else "good",
+            "verdict": prediction.verdict,
             "threshold": prediction.threshold,
             "image_term": prediction.image_term,
             "model": self.identity,
@@ -198,7 +210,7 @@ class Service:
             "image_size": d.image_size,
             "resize_mode": d.resize_mode,
             "settings": d.settings,
-            "limits": {key: value for key, value in vars(self.limits).items()},
+            "limits": dict(vars(self.limits)),
         }
 
 
@@ -213,7 +225,7 @@ def model_identity(detector, path: Path) -> dict:
     return {
         "file": path.name,
         "sha256": digest.hexdigest(),
-        "format_version": detector.describe().to_dict()["format_version"],
+        "format_version": FORMAT_VERSION,
         "runtime": runtime.name,
         "precision": "int8" if runtime.description.int8 else getattr(runtime, "precision", "f32"),
         "stpm_version": __version__,
