@@ -668,13 +668,16 @@ def serve_main(argv: list[str] | None = None) -> int:
     if missing:
         raise StpmError(f"stpm-serve needs {', '.join(missing)}: pip install 'stpm[serve]'")
     from . import serve
-    from .service import Limits, Service
+    from .catalog import Catalog
+    from .records import AUDIT, AuditLog
+    from .service import Limits
 
     _check_serve_arguments(args)
-    token = _token(args.token_file)
+    token, admin_token = _token(args.token_file), _token(args.admin_token_file)
+    if token is not None and token == admin_token:
+        raise StpmError("--token-file and --admin-token-file must hold different tokens")
     args.threads = args.threads or max(1, runtime.default_threads() // args.workers)
     serve.check_split(args.workers, args.threads)
-    detector, path = _load(args)
     limits = Limits(
         workers=args.workers,
         max_batch=args.max_batch,
@@ -685,10 +688,24 @@ def serve_main(argv: list[str] | None = None) -> int:
         max_body=int(args.max_body_mb * 2**20),
         max_pixels=args.max_pixels,
     )
+
+    def load(path: Path) -> STPM:
+        return _load(argparse.Namespace(**{**vars(args), "model": path}))[0]
+
+    if args.models is not None:
+        if args.model is not None:
+            raise StpmError("give a model file or --models DIR, not both")
+        audit = AuditLog(args.audit_log or args.models / AUDIT)
+        catalog = Catalog.of_folder(load, args.models, limits, audit, args.model_file)
+    else:
+        path = args.model or runs.latest_model()
+        audit = AuditLog(args.audit_log or path.parent / AUDIT)
+        catalog = Catalog.of_file(load, path, limits, audit)
     scheme = "https" if args.tls_cert else "http"
-    print(f"stpm-serve: {path.name} on {scheme}://{args.host}:{args.port} (docs at /docs)")
+    names = ", ".join(sorted(catalog.services))
+    print(f"stpm-serve: {names} on {scheme}://{args.host}:{args.port} (docs at /docs)")
     tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
-    serve.serve(Service(detector, path, limits), args.host, args.port, token, tls)
+    serve.serve(catalog, args.host, args.port, token, tls, admin_token)
     return 0
 
 
@@ -742,8 +759,29 @@ def _serve_parser() -> argparse.ArgumentParser:
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all of them)")
     network.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        help="a folder of model folders: each served under its folder's name, at "
+        "/v1/models/{name}/...; SIGHUP reads it again",
+    )
+    parser.add_argument(
+        "--model-file",
+        default="model.pt",
+        help="the file each model folder serves (e.g. model-int8.onnx; default: model.pt)",
+    )
     network.add_argument(
-        "--token-file", type=Path, help="file holding the bearer token every request must carry"
+        "--token-file", type=Path, help="file holding the bearer token to score and read"
+    )
+    network.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="file holding the token for changes (swaps, thresholds); without it none are made",
+    )
+    network.add_argument(
+        "--audit-log",
+        type=Path,
+        help="the audit trail, JSON lines (default: audit.jsonl beside the model(s))",
     )
     network.add_argument("--tls-cert", type=Path, help="certificate file (PEM): serve HTTPS")
     network.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")

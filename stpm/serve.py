@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -30,15 +31,17 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from . import batching, scoring
+from .catalog import Catalog, UnknownModel
 from .errors import ImageTooLarge, StpmError
 from .service import Job, Limits, Service
 from .version import __version__
@@ -193,17 +196,21 @@ def header_name(name: str | None) -> str:
 
 
 class Guard:
-    """Plain ASGI middleware around the app: the bearer token (all but OPEN_PATHS), one JSON log
-    line and the metrics for every request. Pure ASGI, so it neither buffers nor delays a body."""
+    """Plain ASGI middleware around the app: who is asking (the bearer token's role), one JSON
+    log line and the metrics for every request. Pure ASGI, so it neither buffers nor delays a
+    body. tokens: {role: token}, roles "score" (score and read) and "admin" (also change).
+    Without a score token anyone may score and read; changes always need the admin token, and
+    the endpoints that make them (PUT) answer 403 and audit the attempt themselves."""
 
-    def __init__(self, app, token: str | None, metrics) -> None:
-        self.app, self.token, self.metrics = app, token, metrics
+    def __init__(self, app, tokens: dict[str, str], metrics) -> None:
+        self.app, self.tokens, self.metrics = app, tokens, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         arrived, status = time.monotonic(), [0]
-        scope["stpm"] = {"arrived": arrived}
+        role = self._role(scope)
+        scope["stpm"] = {"arrived": arrived, "role": role}
 
         async def counted(message) -> None:
             if message["type"] == "http.response.start":
@@ -212,9 +219,10 @@ class Guard:
 
         try:
             if (
-                self.token is not None
+                role is None
+                and "score" in self.tokens
                 and scope["path"] not in OPEN_PATHS
-                and not self._allowed(scope)
+                and scope["method"] != "PUT"
             ):
                 await send_problem(
                     send,
@@ -232,17 +240,24 @@ class Guard:
         finally:
             self._record(scope, status[0] or 499, time.monotonic() - arrived)
 
-    def _allowed(self, scope) -> bool:
+    def _role(self, scope) -> str | None:
+        """The role whose token the request carries (compared in constant time), or None."""
+        given = b""
         for key, value in scope["headers"]:
             if key == b"authorization":
                 scheme, _, given = value.partition(b" ")
-                expected = self.token.encode()
-                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), expected)
-        return False
+                given = given.strip() if scheme.lower() == b"bearer" else b""
+                break
+        found = None
+        for role in ("admin", "score"):  # both compared, whatever matches
+            if role in self.tokens and hmac.compare_digest(given, self.tokens[role].encode()):
+                found = found or role
+        return found
 
     def _record(self, scope, status: int, seconds: float) -> None:
         found = scope["stpm"]
-        endpoint = scope["path"] if scope["path"] in self.metrics.endpoints else "other"
+        endpoint = endpoint_of(scope["path"])
+        endpoint = endpoint if endpoint in self.metrics.endpoints else "other"
         self.metrics.requests.labels(endpoint, str(status), found.get("verdict", "")).inc()
         self.metrics.latency.labels(endpoint).observe(seconds)
         line = {
@@ -258,6 +273,14 @@ class Guard:
             log.info(json.dumps(line, allow_nan=False, default=str))
         except ValueError:  # a NaN: the line without the numbers
             log.info(json.dumps({k: v for k, v in line.items() if not isinstance(v, float)}))
+
+
+def endpoint_of(path: str) -> str:
+    """The endpoint a path is a call of: a model's name replaced by {name} (for the metrics)."""
+    parts = path.split("/")
+    if len(parts) > 3 and parts[1:3] == ["v1", "models"]:
+        parts[3] = "{name}"
+    return "/".join(parts)
 
 
 async def send_problem(send, problem: Problem) -> None:
@@ -306,10 +329,23 @@ def cores() -> int:
 class Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per app)."""
 
-    endpoints = ("/v1/predict", "/v1/overlay", "/v1/model", "/v1/threshold", "/metrics")
+    endpoints = (
+        "/v1/predict",
+        "/v1/overlay",
+        "/v1/model",
+        "/v1/threshold",
+        "/v1/models",
+        "/v1/models/{name}",
+        "/v1/models/{name}/predict",
+        "/v1/models/{name}/overlay",
+        "/v1/models/{name}/threshold",
+        "/v1/audit",
+        "/metrics",
+    )
 
-    def __init__(self, service: Service) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+    def __init__(self, catalog: Catalog) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.core import InfoMetricFamily
 
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -326,9 +362,16 @@ class Metrics:
             registry=self.registry,
         )
         depth = Gauge("stpm_queue_depth", "Requests waiting for a worker", registry=self.registry)
-        depth.set_function(lambda: service.batcher.depth)
-        info = Info("stpm_model", "The model served", registry=self.registry)
-        info.info({key: str(value) for key, value in service.identity.items()})
+        depth.set_function(lambda: sum(s.batcher.depth for s in catalog.services.values()))
+
+        class Models:  # read at each scrape: a swap shows at once
+            def collect(self):
+                info = InfoMetricFamily("stpm_model", "The models served", labels=["model"])
+                for name, service in sorted(catalog.services.items()):
+                    info.add_metric([name], {k: str(v) for k, v in service.identity.items()})
+                yield info
+
+        self.registry.register(Models())
 
 
 def problem(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -339,6 +382,10 @@ def problem(status: int, detail: str, headers: dict | None = None) -> JSONRespon
 
 async def on_problem(request: Request, error: Problem) -> JSONResponse:
     return problem(error.status, error.detail, error.headers)
+
+
+async def on_unknown(request: Request, error: UnknownModel) -> JSONResponse:
+    return problem(404, str(error))
 
 
 async def on_stpm_error(request: Request, error: StpmError) -> JSONResponse:
@@ -361,6 +408,7 @@ async def on_bug(request: Request, error: Exception) -> JSONResponse:
 
 HANDLERS = {
     Problem: on_problem,
+    UnknownModel: on_unknown,
     StpmError: on_stpm_error,
     HTTPException: on_http,
     RequestValidationError: on_invalid,
@@ -368,57 +416,67 @@ HANDLERS = {
 }
 
 
-def create_app(service: Service, token: str | None = None):
-    """The service over HTTP: the FastAPI app inside Guard. token: the bearer token every
-    endpoint but the probes requires (None: open, and the state-changing endpoints answer 403)."""
+def create_app(catalog: Catalog, token: str | None = None, admin_token: str | None = None):
+    """The service over HTTP: the FastAPI app inside Guard. token: the bearer token scoring and
+    reading require (None: open); admin_token: the one changes require (None: no changes)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        warming = asyncio.ensure_future(asyncio.to_thread(service.warm))
-        warming.add_done_callback(warm_failed)
+        catalog.loop = asyncio.get_running_loop()
+        warming = asyncio.ensure_future(asyncio.to_thread(catalog.warm))
+        warming.add_done_callback(lambda _: report_failures(catalog))
         yield
         warming.cancel()
-        await asyncio.to_thread(service.close)
-
-    def warm_failed(task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            service.failure = f"warming the model failed: {task.exception()}"
-            log.error(json.dumps({"event": "failed", "detail": service.failure}))
+        await catalog.close()
 
     app = FastAPI(
         title="stpm",
         version=__version__,
         lifespan=lifespan,
-        description="Anomaly scores, verdicts and overlays from an stpm model.",
+        description="Anomaly scores, verdicts and overlays from stpm models.",
     )
-    app.state.service, app.state.token = service, token
-    app.state.metrics = Metrics(service)
+    app.state.catalog = catalog
+    app.state.metrics = Metrics(catalog)
+    app.state.admin = admin_token is not None
     for kind, handler in HANDLERS.items():
         app.add_exception_handler(kind, handler)
     app.include_router(routes)
-    return Guard(app, token, app.state.metrics)
+    tokens = {"score": token, "admin": admin_token}
+    return Guard(app, {role: value for role, value in tokens.items() if value}, app.state.metrics)
 
 
-async def answer_for(request: Request, overlay: bool, threshold, max_false_alarms, name, details):
-    """Read, check, queue and score one request's image: its answer, None if the client left."""
-    service: Service = request.app.state.service
+def report_failures(catalog: Catalog) -> None:
+    for service in catalog.services.values():
+        if service.failure:
+            log.error(
+                json.dumps({"event": "failed", "model": service.name, "detail": service.failure})
+            )
+
+
+async def answer_for(request: Request, model: str | None, overlay: bool, query: dict):
+    """Read, check, queue and score one request's image: its answer, None if the client left.
+    model: the model's name (None: the only one); query: name, threshold, max_false_alarms,
+    details."""
+    catalog: Catalog = request.app.state.catalog
+    service = catalog.only() if model is None else catalog.get(model)
     check_available(service)
     # refused before the body is read: overload costs little, and the bodies held in memory
     # are bounded (twice what the queue and the workers take, each at most max_body)
     if service.batcher.full or service.holding >= 2 * service.capacity:
         retry = str(round(service.batcher.retry_after()))
         raise Problem(503, "the queue is full", {"Retry-After": retry, "Connection": "close"})
-    threshold = service.threshold_for(threshold, max_false_alarms)
-    service.holding += 1  # on the event loop's thread alone: no lock
-    try:
-        job = await job_from(request, service, name, threshold, details, overlay)
+    threshold = service.threshold_for(query["threshold"], query["max_false_alarms"])
+    service.holding += 1  # on the event loop's thread alone: no lock. From here the request
+    try:  # holds this model: a swap closes it only once holding is back to 0
+        job = await job_from(request, service, query["name"], threshold, query["details"], overlay)
         answer = await run_job(service, job, request)
     finally:
         service.holding -= 1
     if answer is None:
         return None
     found = request.scope["stpm"]
-    found.update(name=job.name, verdict=answer["verdict"], score=answer["score"])
+    found.update(name=job.name, model=service.name, verdict=answer["verdict"])
+    found["score"] = answer["score"]
     timings = {key: round(value, 3) for key, value in job.timings.items()}
     timings["total"] = round((time.monotonic() - found["arrived"]) * 1000, 3)
     answer["timings_ms"] = timings
@@ -427,8 +485,8 @@ async def answer_for(request: Request, overlay: bool, threshold, max_false_alarm
 
 
 def check_available(service: Service) -> None:
-    """Problem 503 while the service takes no request: come back in a second while it warms,
-    elsewhere (Connection: close) while it stops; a failed warm-up says why."""
+    """Problem 503 while the model takes no request: come back in a second while it warms,
+    elsewhere (Connection: close) while the service stops; a failed warm-up says why."""
     why = service.unavailable()
     if why is None:
         return
@@ -446,6 +504,34 @@ async def job_from(request: Request, service: Service, name, threshold, details,
         raise Problem(422, f"the name is longer than {MAX_NAME} characters")
     check_image(encoded, service.limits)
     return Job(encoded, name, threshold, details, overlay)
+
+
+def admin(request: Request, action: str, model: str | None) -> dict:
+    """Who asks for a change ({role, client}), if they may; otherwise the attempt is audited
+    and answered 403."""
+    scope = request.scope
+    who = {"role": scope["stpm"]["role"], "client": (scope.get("client") or ("",))[0]}
+    if who["role"] == "admin":
+        return who
+    if not request.app.state.admin:
+        detail = "this service has no admin token: nothing can be changed (--admin-token-file)"
+    else:
+        detail = "this change needs the admin token"
+    request.app.state.catalog.refused(action, who, model, detail)
+    log.info(json.dumps({"event": "refused", "action": action, "model": model, **who}))
+    raise Problem(403, detail)
+
+
+async def json_body(request: Request, limits: Limits) -> dict:
+    """The body as a JSON object, or Problem 422."""
+    body = await read_body(request, limits)
+    try:
+        found = json.loads(body or b"{}")
+    except ValueError as error:
+        raise Problem(422, f"the body is not JSON: {error}") from None
+    if not isinstance(found, dict):
+        raise Problem(422, "the body must be a JSON object")
+    return found
 
 
 routes = APIRouter()
@@ -466,42 +552,75 @@ IMAGE_BODY = {
         },
     }
 }
+THRESHOLD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "threshold": {"type": "number", "description": "a raw-score threshold"},
+                        "max_false_alarms": {
+                            "type": "number",
+                            "description": "the share of defect-free validation images to reject",
+                        },
+                        "note": {"type": "string", "description": "why, for the audit trail"},
+                    },
+                }
+            }
+        },
+    }
+}
+SWAP_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": 'JSON {"path": a model file on the server (relative: to the model\'s '
+        "folder)}, or the model file itself (model.pt or .onnx) as the body or a multipart file.",
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"path": {"type": "string"}}}
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 NAME = Query(None, description="the part's name, returned with its result")
-THRESHOLD = Query(None, description="a raw-score threshold instead of the service's")
+THRESHOLD = Query(None, description="a raw-score threshold instead of the model's")
 FALSE_ALARMS = Query(
     None,
     gt=0,
     lt=1,
     description="instead of threshold: the share of the defect-free validation images to reject",
 )
+DETAILS = Query(False, description="add the peak and the mask's bounding boxes")
+MAX_UPLOAD = 2**30  # bytes: a model file sent over HTTP
 
 
-@routes.post("/v1/predict", openapi_extra=IMAGE_BODY, summary="Score one image")
-async def predict(
-    request: Request,
+def scoring_query(
     name: str | None = NAME,
     threshold: float | None = THRESHOLD,
     max_false_alarms: float | None = FALSE_ALARMS,
-    details: bool = Query(False, description="add the peak and the mask's bounding boxes"),
-):
-    answer = await answer_for(request, False, threshold, max_false_alarms, name, details)
+    details: bool = DETAILS,
+) -> dict:
+    return {
+        "name": name,
+        "threshold": threshold,
+        "max_false_alarms": max_false_alarms,
+        "details": details,
+    }
+
+
+SCORING = Depends(scoring_query)
+
+
+async def predict_answer(request: Request, model: str | None, query: dict) -> Response:
+    answer = await answer_for(request, model, False, query)
     return Response(status_code=499) if answer is None else JSONResponse(answer)
 
 
-@routes.post(
-    "/v1/overlay",
-    openapi_extra=IMAGE_BODY,
-    summary="The overlay PNG stpm-predict draws, the verdict in X-Stpm-* headers",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
-)
-async def overlay(
-    request: Request,
-    name: str | None = NAME,
-    threshold: float | None = THRESHOLD,
-    max_false_alarms: float | None = FALSE_ALARMS,
-):
-    answer = await answer_for(request, True, threshold, max_false_alarms, name, False)
+async def overlay_answer(request: Request, model: str | None, query: dict) -> Response:
+    answer = await answer_for(request, model, True, {**query, "details": False})
     if answer is None:
         return Response(status_code=499)
     headers = {
@@ -510,46 +629,159 @@ async def overlay(
         "X-Stpm-Normalized-Score": repr(answer["normalized_score"]),
         "X-Stpm-Verdict": answer["verdict"],
         "X-Stpm-Threshold": repr(answer["threshold"]),
+        "X-Stpm-Model": answer["model"]["name"],
+        "X-Stpm-Model-Sha256": answer["model"]["sha256"],
     }
     return Response(answer["png"], media_type="image/png", headers=headers)
 
 
-@routes.get("/v1/model", summary="The model, its threshold rule and validation statistics")
-async def model(request: Request):
-    return JSONResponse(request.app.state.service.describe())
+OVERLAY = {
+    "openapi_extra": IMAGE_BODY,
+    "response_class": Response,
+    "responses": {200: {"content": {"image/png": {}}}},
+}
 
 
-@routes.put("/v1/threshold", summary="Change the threshold the service judges by (needs a token)")
+@routes.post("/v1/predict", openapi_extra=IMAGE_BODY, summary="Score one image (one model)")
+async def predict(request: Request, query: dict = SCORING):
+    return await predict_answer(request, None, query)
+
+
+@routes.post("/v1/models/{model}/predict", openapi_extra=IMAGE_BODY, summary="Score one image")
+async def predict_with(request: Request, model: str, query: dict = SCORING):
+    return await predict_answer(request, model, query)
+
+
+@routes.post("/v1/overlay", summary="The overlay PNG, the verdict in X-Stpm-* headers", **OVERLAY)
+async def overlay(request: Request, query: dict = SCORING):
+    return await overlay_answer(request, None, query)
+
+
+@routes.post("/v1/models/{model}/overlay", summary="The overlay PNG of one model", **OVERLAY)
+async def overlay_with(request: Request, model: str, query: dict = SCORING):
+    return await overlay_answer(request, model, query)
+
+
+@routes.get("/v1/model", summary="The model, its threshold and validation statistics")
+async def the_model(request: Request):
+    return JSONResponse(request.app.state.catalog.only().describe())
+
+
+@routes.get("/v1/models", summary="The models served, by name")
+async def models(request: Request):
+    catalog: Catalog = request.app.state.catalog
+    return {
+        name: {
+            **service.identity,
+            "threshold": service.threshold,
+            "ready": not service.unavailable(),
+        }
+        for name, service in sorted(catalog.services.items())
+    }
+
+
+@routes.get("/v1/models/{model}", summary="One model, its threshold and validation statistics")
+async def one_model(request: Request, model: str):
+    return JSONResponse(request.app.state.catalog.get(model).describe())
+
+
+@routes.get("/v1/models/{model}/ready", summary="This model is loaded and warm")
+async def model_ready(request: Request, model: str):
+    check_available(request.app.state.catalog.get(model))
+    return {"status": "ready"}
+
+
+@routes.put("/v1/models/{model}", openapi_extra=SWAP_BODY, summary="Swap in a new model (admin)")
+async def swap(request: Request, model: str):
+    catalog: Catalog = request.app.state.catalog
+    who = admin(request, "swap", model)
+    service = catalog.get(model)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limits = dataclasses.replace(service.limits, max_body=MAX_UPLOAD, body_timeout=600)
+    if kind == "application/json":
+        given = (await json_body(request, service.limits)).get("path")
+        if not isinstance(given, str) or not given:
+            raise Problem(422, 'give {"path": "a model file on the server"} or send the file')
+        path = catalog.homes[model] / Path(given).expanduser()
+        if not path.is_file():
+            raise Problem(422, f"no model file at {given}")
+    else:
+        encoded, filename = await image_from(request, await read_body(request, limits))
+        path = await asyncio.to_thread(catalog.keep_upload, model, encoded)
+    try:
+        new = await catalog.swap(model, path, who)
+    except StpmError as error:
+        raise Problem(422, f"not swapped, the old model still serves: {error}") from None
+    log.info(json.dumps({"event": "swap", "model": model, "sha256": new.identity["sha256"]}))
+    return JSONResponse(new.describe())
+
+
+@routes.put(
+    "/v1/models/{model}/threshold", openapi_extra=THRESHOLD_BODY, summary="Set the threshold"
+)
+async def set_model_threshold(request: Request, model: str):
+    who = admin(request, "threshold", model)
+    catalog: Catalog = request.app.state.catalog
+    wanted = await json_body(request, catalog.get(model).limits)
+    return change_threshold(catalog, model, wanted, who)
+
+
+@routes.put("/v1/threshold", summary="Set the threshold of the one model (admin)")
 async def set_threshold(
     request: Request,
     threshold: float | None = Query(None, description="a raw-score threshold"),
     max_false_alarms: float | None = FALSE_ALARMS,
 ):
-    service: Service = request.app.state.service
-    if request.app.state.token is None:
-        raise Problem(
-            403,
-            "this service runs without a token: nothing can be changed "
-            "(start stpm-serve with --token-file)",
-        )
+    who = admin(request, "threshold", None)
+    catalog: Catalog = request.app.state.catalog
+    service = catalog.only()
+    wanted = {"threshold": threshold, "max_false_alarms": max_false_alarms}
     if threshold is None and max_false_alarms is None:
-        raise Problem(422, "give threshold or max_false_alarms")
-    service.threshold = service.threshold_for(threshold, max_false_alarms)
-    log.info(json.dumps({"event": "threshold", "threshold": service.threshold}))
-    return JSONResponse({"threshold": service.threshold})
+        wanted = await json_body(request, service.limits)
+    return change_threshold(catalog, service.name, wanted, who)
+
+
+def change_threshold(catalog: Catalog, model: str, wanted: dict, who: dict) -> JSONResponse:
+    unknown = set(wanted) - {"threshold", "max_false_alarms", "note"}
+    if unknown:
+        raise Problem(422, f"unknown fields: {', '.join(sorted(unknown))}")
+    threshold, share, note = (wanted.get(key) for key in ("threshold", "max_false_alarms", "note"))
+    number = (int, float)
+    if not isinstance(threshold, (*number, type(None))) or isinstance(threshold, bool):
+        raise Problem(422, "threshold must be a number")
+    if share is not None and (not isinstance(share, number) or not 0 < share < 1):
+        raise Problem(422, "max_false_alarms must be a number between 0 and 1")
+    if note is not None and (not isinstance(note, str) or len(note) > 500):
+        raise Problem(422, "note must be text of at most 500 characters")
+    record = catalog.set_threshold(model, threshold, share, who, note)
+    log.info(json.dumps({"event": "threshold", "model": model, "threshold": record["threshold"]}))
+    return JSONResponse(record)
+
+
+@routes.get("/v1/audit", summary="The audit trail: every change and refused attempt")
+async def audit(request: Request, last: int = Query(100, ge=1, le=10_000)):
+    trail = request.app.state.catalog.audit
+    return [] if trail is None else await asyncio.to_thread(trail.read, last)
 
 
 @routes.get("/healthz", summary="Alive")
 async def healthz(request: Request):
-    if request.app.state.service.failure:  # alive, but of no use: a supervisor restarts it
-        raise Problem(503, request.app.state.service.failure)
+    services = request.app.state.catalog.services.values()
+    failed = [f"{s.name}: {s.failure}" for s in services if s.failure]
+    if failed and len(failed) == len(services):  # alive, but of no use: restart it
+        raise Problem(503, "; ".join(failed))
     return {"status": "alive"}
 
 
-@routes.get("/readyz", summary="The model is loaded and warm")
+@routes.get("/readyz", summary="Every model is loaded and warm")
 async def readyz(request: Request):
-    check_available(request.app.state.service)
-    return {"status": "ready"}
+    catalog: Catalog = request.app.state.catalog
+    waiting = catalog.unavailable()
+    if waiting:
+        said = "; ".join(f"{name}: {why}" for name, why in sorted(waiting.items()))
+        draining = any(service.draining for service in catalog.services.values())
+        raise Problem(503, said, {"Connection": "close"} if draining else {"Retry-After": "1"})
+    return {"status": "ready", "models": sorted(catalog.services)}
 
 
 @routes.get("/metrics", summary="Prometheus metrics")
@@ -571,18 +803,20 @@ def check_split(workers: int, threads: int) -> None:
 
 
 def config(
-    service: Service,
+    catalog: Catalog,
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
     tls: tuple[str, str] | None = None,
+    admin_token: str | None = None,
 ):
     """uvicorn's configuration for the service. tls: (certificate file, key file) for HTTPS.
     uvicorn's own access log is off: Guard writes one line per request instead."""
     import uvicorn
 
+    limits = catalog.limits
     return uvicorn.Config(
-        create_app(service, token),
+        create_app(catalog, token, admin_token),
         host=host,
         port=port,
         access_log=False,
@@ -591,22 +825,22 @@ def config(
         ssl_keyfile=tls[1] if tls else None,
         timeout_keep_alive=5,
         # what is queued is answered by its deadline: the wait on a stop covers it
-        timeout_graceful_shutdown=service.limits.deadline + service.limits.body_timeout,
+        timeout_graceful_shutdown=limits.deadline + limits.body_timeout,
     )
 
 
 def serve(
-    service: Service,
+    catalog: Catalog,
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
     tls: tuple[str, str] | None = None,
+    admin_token: str | None = None,
 ) -> None:
-    """Run the service until interrupted (Ctrl-C or SIGTERM)."""
+    """Run the service until interrupted (Ctrl-C or SIGTERM); SIGHUP reads the models again."""
     if token is None:
         warnings.warn(
-            "no --token-file: the service is open (anyone who reaches it may score images; "
-            "changing the threshold is refused)",
+            "no --token-file: the service is open (anyone who reaches it may score images)",
             stacklevel=2,
         )
         if host not in ("127.0.0.1", "::1", "localhost"):
@@ -615,31 +849,51 @@ def serve(
                 stacklevel=2,
             )
     configure_logging()
-    Server(config(service, host, port, token, tls), service).run()
+    Server(config(catalog, host, port, token, tls, admin_token), catalog).run()
 
 
 class Server:
     """uvicorn's server, stopping as systemd and Kubernetes expect: on SIGTERM (or Ctrl-C) the
     service takes nothing new (/readyz answers 503), uvicorn stops accepting and waits for the
     requests in hand, whose queued ones are answered by their deadline, and the process exits 0
-    on SIGTERM (uvicorn re-raises the signal it caught; the handler it restores ignores it)."""
+    on SIGTERM (uvicorn re-raises the signal it caught; the handler it restores ignores it).
+    SIGHUP reads the models' folder again (Catalog.reload), as `systemctl reload` sends it."""
 
-    def __init__(self, config, service: Service) -> None:
+    def __init__(self, config, catalog: Catalog) -> None:
         import uvicorn
 
-        self.server, self.service = uvicorn.Server(config), service
+        self.server, self.catalog = uvicorn.Server(config), catalog
         handle_exit = self.server.handle_exit
 
         def draining(sig, frame) -> None:
-            service.draining = True
+            catalog.set_draining()
             log.info(json.dumps({"event": "stopping", "signal": signal.Signals(sig).name}))
             handle_exit(sig, frame)
 
         self.server.handle_exit = draining
 
+    def reload(self, *_) -> None:
+        """On SIGHUP: the catalog reads its folder again, on the event loop; each outcome is
+        logged (and audited)."""
+        loop = getattr(self.catalog, "loop", None)
+        if loop is None:
+            return
+        who = {"role": "signal", "client": "SIGHUP"}
+
+        def logged(future) -> None:
+            try:
+                outcomes = future.result()
+            except Exception as error:
+                outcomes = [{"outcome": f"failed: {error}"}]
+            log.info(json.dumps({"event": "reload", "changes": outcomes}, default=str))
+
+        asyncio.run_coroutine_threadsafe(self.catalog.reload(who), loop).add_done_callback(logged)
+
     def run(self) -> None:
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        hangup = signal.signal(signal.SIGHUP, self.reload)
         try:
             self.server.run()
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGHUP, hangup)

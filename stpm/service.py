@@ -53,10 +53,13 @@ class Job:
 class Service:
     """A loaded model behind the queue: what the endpoints call. detector: a loaded STPM."""
 
-    def __init__(self, detector, model_path: str | Path, limits: Limits | None = None) -> None:
-        self.detector, self.limits = detector, limits or Limits()
+    def __init__(
+        self, detector, model_path: str | Path, limits: Limits | None = None, name: str = "model"
+    ) -> None:
+        self.detector, self.limits, self.name = detector, limits or Limits(), name
         self.threshold: float | None = detector.threshold_
-        self.identity = model_identity(detector, Path(model_path))
+        self.threshold_set: dict | None = None  # who set the threshold by hand, when (or None)
+        self.identity = {"name": name, **model_identity(detector, Path(model_path))}
         self.ready = threading.Event()  # loaded and warm
         self.draining = False  # shutting down: what is queued is scored, nothing new taken
         self.failure: str | None = None  # why the model cannot serve (warming failed)
@@ -75,11 +78,17 @@ class Service:
         return self.limits.queue_size + self.limits.workers * self.limits.max_batch
 
     def warm(self) -> None:
-        """Run every batch size the workers will use once (OpenVINO compiles each) and one image
-        the whole way, overlay included (what a first request would pay), then be ready."""
+        """Run every batch size the workers will use once (OpenVINO compiles each) and a probe
+        image the whole way, overlay included (what a first request would pay); it must score a
+        finite number. Then be ready."""
         self.detector.runtime_.warm(range(1, self.limits.max_batch + 1))
         blank = visualize.encode_png(np.full((64, 64, 3), 128, np.uint8))
-        self.score([Job(blank, None, self.threshold or 0.0, details=True, overlay=True)], [0.0])
+        job = Job(blank, "probe", self.threshold or 0.0, details=True, overlay=True)
+        (probe,) = self.score([job], [0.0])
+        if isinstance(probe, Exception):
+            raise probe
+        if not np.isfinite(probe["score"]):
+            raise StpmError(f"the probe image scored {probe['score']}, not a finite number")
         self.ready.set()
 
     def unavailable(self) -> str | None:
@@ -202,6 +211,7 @@ class Service:
         return {
             **self.identity,
             "threshold": self.threshold,
+            "threshold_set": self.threshold_set,
             "model_threshold": d.threshold,
             "max_false_alarms": d.max_false_alarms,
             "validation": validation,
@@ -217,16 +227,20 @@ class Service:
 def model_identity(detector, path: Path) -> dict:
     """What every answer names its model by: the file's SHA-256 (what was deployed, byte for
     byte), its format version, the runtime and precision; the file's name, not its path."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
     runtime = detector.runtime_
     return {
         "file": path.name,
-        "sha256": digest.hexdigest(),
+        "sha256": file_sha256(path),
         "format_version": FORMAT_VERSION,
         "runtime": runtime.name,
         "precision": "int8" if runtime.description.int8 else getattr(runtime, "precision", "f32"),
         "stpm_version": __version__,
     }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -6,13 +6,13 @@ Each server stops itself at the end of its `with`; every wait below is bounded.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -27,15 +27,18 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from stpm import STPM, scoring, serve, visualize  # noqa: E402
+from stpm import STPM, scoring, visualize  # noqa: E402
+from stpm.catalog import Catalog  # noqa: E402
 from stpm.client import Client, ServiceError  # noqa: E402
 from stpm.service import Limits, Service  # noqa: E402
 
+from .servers import served  # noqa: E402
+
 TOKEN = "a-test-token-of-some-length"
+ADMIN = "the-admin-token-of-some-length"
 PROBLEM = "application/problem+json"
 
 
@@ -50,40 +53,32 @@ def images(category) -> list[Path]:
 
 
 @contextlib.contextmanager
-def running(model, onnx_file, token=None, tls=None, hold_warm=None, warm=None, **limits):
-    """A server on 127.0.0.1:<free port>; yields (url, service, log). hold_warm: an Event the
-    warm-up waits for (the service stays unready until it is set); warm: instead of warming."""
-    service = Service(model, onnx_file, Limits(**limits))
+def running(
+    model, onnx_file, token=None, tls=None, hold_warm=None, warm=None, admin=None, **limits
+):
+    """A server on 127.0.0.1:<free port> (tests.servers.served); yields (url, service, log).
+    hold_warm: an Event the warm-up waits for (the service stays unready until it is set);
+    warm: instead of warming; admin: the admin token. The model file is copied to a folder of
+    its own: thresholds set by one test are kept there, not seen by the next."""
+    home = Path(tempfile.mkdtemp(prefix="served-")) / "tiny"
+    home.mkdir()
+    onnx_file = Path(shutil.copy(onnx_file, home))
+    catalog = Catalog.of_file(lambda path: model, onnx_file, Limits(**limits))
+    service = catalog.only()
     if hold_warm is not None:
         warming = service.warm
         service.warm = lambda: (hold_warm.wait(10), warming())
     if warm is not None:
         service.warm, hold_warm = warm, threading.Event()
-    log = io.StringIO()
-    serve.configure_logging(log)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(serve.config(service, "127.0.0.1", port, token, tls))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    scheme = "https" if tls else "http"
-    url = f"{scheme}://127.0.0.1:{port}"
     try:
-        until = time.monotonic() + 20
-        while not server.started and time.monotonic() < until:
-            time.sleep(0.02)
-        if hold_warm is None:
-            while not service.ready.is_set() and time.monotonic() < until:
-                time.sleep(0.02)
-        yield url, service, log
+        with served(catalog, token, admin, tls, wait=hold_warm is None) as (url, log):
+            yield url, service, log
+            if hold_warm is not None:
+                hold_warm.set()
     finally:
         if hold_warm is not None:
             hold_warm.set()
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
+        shutil.rmtree(home.parent, ignore_errors=True)
 
 
 def slowed(service: Service, seconds: float) -> list:
@@ -223,7 +218,7 @@ def test_every_error_status(model, onnx_file, images):
 def test_auth_on(model, onnx_file, images):
     good = images[0].read_bytes()
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    with running(model, onnx_file, token=TOKEN) as (url, _, log):
+    with running(model, onnx_file, token=TOKEN, admin=ADMIN) as (url, _, log):
         assert httpx.get(url + "/healthz").status_code == 200
         assert httpx.get(url + "/readyz").status_code == 200
         for path in ("/v1/model", "/metrics", "/openapi.json", "/docs"):
@@ -238,13 +233,16 @@ def test_auth_on(model, onnx_file, images):
         assert post(url, good, headers=bearer).status_code == 200
         with Client(url, token=TOKEN) as client:
             assert client.predict(images[0]).threshold == model.threshold_
-            changed = httpx.put(url + "/v1/threshold", params={"threshold": 0.0}, headers=bearer)
-            assert changed.status_code == 200 and changed.json() == {"threshold": 0.0}
+            change = {"url": url + "/v1/threshold", "params": {"threshold": 0.0}}
+            assert_problem(httpx.put(**change, headers=bearer), 403)  # the scoring token
+            changed = httpx.put(**change, headers={"Authorization": f"Bearer {ADMIN}"})
+            assert changed.status_code == 200 and changed.json()["threshold"] == 0.0
             assert client.predict(images[0]).threshold == 0.0
         with Client(url, token="wrong") as client, pytest.raises(ServiceError) as refused:
             client.predict(images[0])
         assert refused.value.status == 401 and "bearer token" in str(refused.value)
-    assert TOKEN not in log.getvalue() and "wrong" not in log.getvalue()
+    for secret in (TOKEN, ADMIN, "wrong"):
+        assert secret not in log.getvalue()
 
 
 def test_auth_off_refuses_changes(model, onnx_file, images):
