@@ -31,12 +31,14 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,12 +98,13 @@ end
 class Server:
     """A stpm-serve process on a free loopback port, its log in a file; stopped on exit."""
 
-    def __init__(self, model: Path, log: Path, *flags: str) -> None:
+    def __init__(self, model: Path | None, log: Path, *flags: str) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url, self.log = f"http://127.0.0.1:{self.port}", log
-        command = [sys.executable, "-c", SERVE, str(model), "--port", str(self.port), *flags]
+        model = [] if model is None else [str(model)]  # None: --models among the flags
+        command = [sys.executable, "-c", SERVE, *model, "--port", str(self.port), *flags]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
         until = time.monotonic() + 120
         while time.monotonic() < until:
@@ -303,6 +306,175 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     return results
 
 
+SWAP_SECTION = "## Swaps under load"  # what --part swap writes into serve.md, from here to the end
+
+
+def run_swaps(args: argparse.Namespace, work: Path) -> dict:
+    """4 clients (wrk) post for --swap-seconds to a server of one model (--models, the FP32
+    export on ONNX Runtime) while an admin swaps the model 3 times (PUT /v1/models/tile, a
+    copy of the same file: the full load, warm-up and probe, and the scores stay comparable).
+    Each accepted request's latency (from the server's log) counts as 'during a swap' if it
+    overlapped one, otherwise as steady state. Then the memory one model costs: the resident
+    size of a server of 1 and of 3 copies, for each runtime."""
+    paths = benchkit.spread_subset(
+        sorted(args.images.rglob("*.jpg")) + sorted(args.images.rglob("*.png")), args.count
+    )
+    files, script = work / "images.txt", work / "post.lua"
+    files.write_text("\n".join(str(path) for path in paths) + "\n")
+    script.write_text(LUA)
+    folder, token = work / "models", work / "admin-token"
+    (folder / "tile").mkdir(parents=True)
+    shutil.copy(args.model, folder / "tile" / "model.onnx")
+    spare = Path(shutil.copy(args.model, work / "spare.onnx"))
+    token.write_text("an-admin-token-for-the-load-test\n")
+    flags = [
+        "--models",
+        str(folder),
+        "--model-file",
+        "model.onnx",
+        "--admin-token-file",
+        str(token),
+    ]
+    windows = []
+    with Server(None, work / "server.log", *flags) as server:
+        load(server, 4, 3, files, script)  # the first seconds out of the way
+
+        def swaps() -> None:
+            headers = {"Authorization": "Bearer an-admin-token-for-the-load-test"}
+            for _ in range(3):
+                time.sleep(args.swap_seconds / 4)
+                started = time.time()
+                answer = httpx.put(
+                    server.url + "/v1/models/tile", json={"path": str(spare)}, headers=headers,
+                    timeout=120,
+                )  # fmt: skip
+                windows.append((started, time.time(), answer.status_code))
+
+        skip = len(server.log_lines())
+        swapper = threading.Thread(target=swaps)
+        swapper.start()
+        cell = load(server, 4, args.swap_seconds, files, script)
+        swapper.join(180)
+        rows = [r for r in server.log_lines()[skip:] if r.get("path") == "/v1/predict"]
+    during, steady = [], []
+    for row in rows:
+        end, start = row["time"], row["time"] - row["ms"] / 1000
+        overlaps = any(start < w_end and end > w_start for w_start, w_end, _ in windows)
+        (during if overlaps else steady).append(row)
+    result = {
+        "seconds": args.swap_seconds,
+        "clients": 4,
+        "swaps": [{"seconds": end - start, "status": status} for start, end, status in windows],
+        "statuses": cell["statuses"],
+        "socket_errors": cell["socket_errors"] + cell["timeouts"],
+        "rps": cell["rps"],
+        "steady": _latencies([row for row in steady if row["status"] == 200]),
+        "during_swap": _latencies([row for row in during if row["status"] == 200]),
+        "failed": sum(row["status"] not in (200, 499) for row in rows),
+        "left_at_the_end": sum(row["status"] == 499 for row in rows),  # wrk stops mid-request
+    }
+    print("swaps", json.dumps(result), flush=True)
+    return {
+        "cpu": benchkit.cpu_info(),
+        "swap": result,
+        "memory_per_model": model_memory(args, work),
+    }
+
+
+def _latencies(rows: list[dict]) -> dict:
+    values = [row["ms"] for row in rows]
+    if not values:
+        return {"count": 0}
+    found = {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+    return {"count": len(values), **found, "max": max(values)}
+
+
+def model_memory(args: argparse.Namespace, work: Path) -> list[dict]:
+    """Resident size of a warm server of 1 and of 3 copies of a model, per runtime: the
+    difference over 2 is what one more model costs."""
+    found = []
+    for label, source, runtime in (
+        ("onnxruntime fp32", args.model, "onnxruntime"),
+        ("openvino int8", args.int8, "openvino"),
+    ):
+        sizes = {}
+        for count in (1, 3):
+            folder = work / f"memory-{runtime}-{count}"
+            for index in range(count):
+                (folder / f"m{index}").mkdir(parents=True)
+                shutil.copy(source, folder / f"m{index}" / "model.onnx")
+            flags = ["--models", str(folder), "--model-file", "model.onnx", "--runtime", runtime]
+            with Server(None, work / "server.log", *flags) as server:
+                sizes[count] = server.rss_mb()
+            shutil.rmtree(folder)
+        found.append(
+            {
+                "runtime": label,
+                "file_mb": source.stat().st_size / 2**20,
+                "one_model_rss_mb": sizes[1],
+                "three_models_rss_mb": sizes[3],
+                "per_extra_model_mb": (sizes[3] - sizes[1]) / 2,
+            }
+        )
+        print("memory", found[-1], flush=True)
+    return found
+
+
+def write_swaps(results: dict, out: Path, command: str) -> None:
+    """The swap run's section of serve.md (replacing an earlier one) and serve.json's keys."""
+    saved = out / "serve.json"
+    kept = json.loads(saved.read_text()) if saved.exists() else {}
+    kept.update(swap=results["swap"], memory_per_model=results["memory_per_model"])
+    kept["swap_run"] = {"cpu": results["cpu"], "command": command}
+    saved.write_text(json.dumps(kept, indent=1, allow_nan=False) + "\n")
+    swap, cpu = results["swap"], results["cpu"]
+    rows = []
+    for label in ("steady", "during_swap"):
+        cell = swap[label]
+        numbers = [f"{cell[k]:.1f}" if k in cell else "-" for k in ("p50", "p95", "p99", "max")]
+        rows.append([label.replace("_", " "), cell["count"], *numbers])
+    memory = [
+        [
+            m["runtime"],
+            f"{m['file_mb']:.1f}",
+            f"{m['one_model_rss_mb']:.0f}",
+            f"{m['three_models_rss_mb']:.0f}",
+            f"{m['per_extra_model_mb']:.0f}",
+        ]
+        for m in results["memory_per_model"]
+    ]
+    durations = ", ".join(f"{s['seconds']:.2f} s ({s['status']})" for s in swap["swaps"])
+    lines = [
+        SWAP_SECTION,
+        "",
+        f"Measured in a run of its own (`{command}`), CPU: {benchkit.cpu_line(cpu)}.",
+        f"Flags: {' '.join(cpu['flags'])}",
+        "",
+        f"4 clients (wrk) for {swap['seconds']:g} s against one model (FP32 ONNX Runtime, "
+        f"`--models`), swapped 3 times by PUT /v1/models/tile: {durations} (load, warm-up, "
+        f"probe). {swap['rps']:.1f} req/s overall; statuses {swap['statuses']}, "
+        f"socket errors {swap['socket_errors']}; failed in the server's log: {swap['failed']} "
+        f"(and {swap['left_at_the_end']} left unanswered when wrk stopped, logged as 499). "
+        "Latency (ms) of the accepted requests from the server's log, by whether the request "
+        "overlapped a swap:",
+        "",
+        *benchkit.markdown_table(["", "requests", "p50", "p95", "p99", "max"], rows),
+        "",
+        "### Memory per model",
+        "",
+        "Resident size (MB) of a warm stpm-serve holding 1 and 3 copies of the default model:",
+        "",
+        *benchkit.markdown_table(
+            ["runtime", "file MB", "1 model", "3 models", "each more model"], memory
+        ),
+        "",
+    ]
+    report = out / "serve.md"
+    text = report.read_text() if report.exists() else ""
+    text = text.split(SWAP_SECTION)[0].rstrip() + "\n\n" if text else ""
+    report.write_text(text + "\n".join(lines))
+
+
 def _short(cell: dict) -> str:
     return (
         f"{cell['rps']:.1f} req/s p50 {cell['p50']:.1f} p95 {cell['p95']:.1f} p99 {cell['p99']:.1f} "
@@ -372,7 +544,13 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
 
 
 def write(results: dict, out: Path, command: str) -> None:
-    (out / "serve.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    """serve.md's table and targets and serve.json, keeping the swap run's part of each."""
+    saved, report = out / "serve.json", out / "serve.md"
+    if saved.exists():
+        kept = json.loads(saved.read_text())
+        results.update({k: kept[k] for k in ("swap", "memory_per_model", "swap_run") if k in kept})
+    swaps = report.read_text().partition(SWAP_SECTION)[1:] if report.exists() else ("", "")
+    saved.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     rows = []
     for c in results["cells"] + results["split"]:
         rows.append(
@@ -429,9 +607,9 @@ def write(results: dict, out: Path, command: str) -> None:
         "server CPU",
         "wrk CPU",
     ]
-    benchkit.write_markdown_report(
-        out / "serve.md", "stpm-serve under load", notes, header, rows, command
-    )
+    benchkit.write_markdown_report(report, "stpm-serve under load", notes, header, rows, command)
+    if swaps[0]:
+        report.write_text(report.read_text().rstrip() + "\n\n" + "".join(swaps))
 
 
 def main() -> None:
@@ -445,10 +623,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="each load run's length")
     parser.add_argument("--memory-requests", type=int, default=10_000)
     parser.add_argument("--results", type=Path, default=benchkit.SCRIPTS / "results")
+    parser.add_argument(
+        "--part",
+        choices=("load", "swap"),
+        default="load",
+        help="load: the load runs (serve.md's table); swap: the swap-under-load run and the "
+        "memory per model (serve.md's last section)",
+    )
+    parser.add_argument("--swap-seconds", type=float, default=40, help="the swap run's length")
     args = parser.parse_args()
+    command = "python scripts/load_test.py " + " ".join(sys.argv[1:])
+    if args.part == "swap":
+        with tempfile.TemporaryDirectory() as work:
+            results = run_swaps(args, Path(work))
+        write_swaps(results, args.results, command)
+        print((args.results / "serve.md").read_text().split(SWAP_SECTION)[1])
+        return
     with tempfile.TemporaryDirectory() as work:
         results = run(args, Path(work))
-    command = "python scripts/load_test.py " + " ".join(sys.argv[1:])
     results["command"] = command
     write(results, args.results, command)
     print((args.results / "serve.md").read_text())

@@ -65,9 +65,12 @@ class Verdict:
         )
 
 
+SWAP_TIMEOUT = 300.0  # seconds: a swap loads, warms and probes the model before it answers
+
+
 class Client:
-    """url: where stpm-serve listens, e.g. http://127.0.0.1:8000; token: its bearer token.
-    timeout: seconds per attempt; retries: further attempts after a 503 or a lost connection,
+    """url: where stpm-serve listens, e.g. http://127.0.0.1:8000; token: its bearer token (the
+    admin token for the changes); model: the model's name where several are served. timeout: seconds per attempt; retries: further attempts after a 503 or a lost connection,
     waiting backoff, 2 x backoff, ... (or the server's Retry-After), at most max_backoff."""
 
     def __init__(
@@ -79,7 +82,9 @@ class Client:
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         verify: bool | str = True,
+        model: str | None = None,
     ) -> None:
+        self.prefix = "/v1" if model is None else f"/v1/models/{model}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout, verify=verify)
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
@@ -97,7 +102,7 @@ class Client:
         if details:
             query["details"] = "true"
         body, name = _body(image, name)
-        response = self._post("/v1/predict", body, {**query, **_named(name)})
+        response = self._post(f"{self.prefix}/predict", body, {**query, **_named(name)})
         return Verdict.from_json(response.json())
 
     def overlay(
@@ -110,11 +115,43 @@ class Client:
         """The overlay PNG stpm-predict would write for this image."""
         body, name = _body(image, name)
         query = {**_query(name, threshold, max_false_alarms), **_named(name)}
-        return self._post("/v1/overlay", body, query).content
+        return self._post(f"{self.prefix}/overlay", body, query).content
 
     def model(self) -> dict:
         """What the service runs: identity, threshold and its rule, validation statistics."""
-        return self._send("GET", "/v1/model").json()
+        return self._send("GET", "/v1/model" if self.prefix == "/v1" else self.prefix).json()
+
+    def models(self) -> dict:
+        """The models served, by name: identity, threshold, whether ready."""
+        return self._send("GET", "/v1/models").json()
+
+    def set_threshold(
+        self,
+        threshold: float | None = None,
+        max_false_alarms: float | None = None,
+        note: str | None = None,
+    ) -> dict:
+        """Judge by a new threshold from now on, kept across restarts (the admin token)."""
+        wanted = {"threshold": threshold, "max_false_alarms": max_false_alarms, "note": note}
+        wanted = {key: value for key, value in wanted.items() if value is not None}
+        path = "/v1/threshold" if self.prefix == "/v1" else f"{self.prefix}/threshold"
+        return self._send("PUT", path, json=wanted).json()
+
+    def swap(self, model: str, path: str | None = None, file: str | Path | None = None) -> dict:
+        """Serve a new model file under the name model, once it has loaded, warmed and passed its
+        probe: path, a file on the server, or file, one here to upload (the admin token)."""
+        if (path is None) == (file is None):
+            raise StpmError("give path (on the server) or file (to upload), one of them")
+        if path is not None:
+            wanted = {"json": {"path": str(path)}}
+        else:
+            wanted = {"content": _body(file, None)[0]}
+            wanted["headers"] = {"Content-Type": "application/octet-stream"}
+        return self._send("PUT", f"/v1/models/{model}", timeout=SWAP_TIMEOUT, **wanted).json()
+
+    def audit(self, last: int = 100) -> list[dict]:
+        """The audit trail's last entries, oldest first."""
+        return self._send("GET", "/v1/audit", params={"last": last}).json()
 
     def ready(self) -> bool:
         """Whether the model is loaded and warm (no retries)."""

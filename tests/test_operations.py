@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from stpm import STPM  # noqa: E402
 from stpm.catalog import Catalog  # noqa: E402
+from stpm.client import Client, ServiceError  # noqa: E402
 from stpm.export import export_model  # noqa: E402
 from stpm.records import AuditLog  # noqa: E402
 from stpm.service import Limits, file_sha256  # noqa: E402
@@ -156,9 +157,10 @@ def test_a_failed_swap_keeps_the_old_model(folder, second_onnx, images):
         )
         answer = httpx.post(url + "/v1/models/a/predict", content=images[0].read_bytes()).json()
         assert answer["model"]["sha256"] == before
-        uploaded = put(url, "/v1/models/a", content=second_onnx.read_bytes())  # the file itself
-        assert uploaded.status_code == 200 and uploaded.json()["sha256"] == file_sha256(second_onnx)
-        trail = httpx.get(url + "/v1/audit").json()
+        with Client(url, ADMIN) as client:
+            uploaded = client.swap("a", file=second_onnx)  # the file itself
+            assert uploaded["sha256"] == file_sha256(second_onnx)
+            trail = client.audit()
     failed = [entry for entry in trail if entry["outcome"].startswith("failed")]
     assert failed and failed[0]["from"] == before and "junk.onnx" in failed[0]["outcome"]
     assert list((folder / "a" / "uploads").glob("*.onnx"))
@@ -201,12 +203,25 @@ def test_changes_need_the_admin_token_and_are_audited(folder, second_onnx, image
             assert swap.status_code == 403
         assert httpx.get(url + "/v1/models/a").status_code == 401  # reading needs a token
         assert httpx.get(url + "/v1/models/a", headers=ADMINISTRATOR).status_code == 200
-        assert put(url, "/v1/models/a/threshold", **change).status_code == 200
+        with Client(url, ADMIN, model="a") as client:
+            assert client.set_threshold(0.5)["threshold"] == 0.5
+            assert client.model()["threshold"] == 0.5
+        with Client(url, TOKEN, model="a") as client, pytest.raises(ServiceError) as refused:
+            client.set_threshold(0.7)
+        assert refused.value.status == 403
         trail = httpx.get(url + "/v1/audit", headers=SCORER).json()
     refused = [entry for entry in trail if entry["outcome"].startswith("failed")]
-    assert [entry["role"] for entry in refused] == ["score", "score", None, None, None, None]
+    assert [entry["role"] for entry in refused] == [
+        "score",
+        "score",
+        None,
+        None,
+        None,
+        None,
+        "score",
+    ]
     assert {entry["action"] for entry in refused} == {"threshold", "swap"}
-    done = trail[-1]
+    done = trail[-2]
     assert done["action"] == "threshold" and done["to"] == 0.5 and done["role"] == "admin"
     assert done["from"] is not None and done["client"] == "127.0.0.1" and done["time"]
     written = (folder / "audit.jsonl").read_text()
