@@ -1,3 +1,3 @@
 """The package's version, written into every model file it saves."""
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
