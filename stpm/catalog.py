@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,17 @@ class Catalog:
         audit: AuditLog | None = None,
         folder: Path | None = None,
         model_file: str = "model.pt",
+        batcher=None,
     ) -> None:
         self.load, self.limits, self.audit = load, limits or Limits(), audit
-        self.folder, self.model_file = folder, model_file
+        self.folder, self.model_file, self.batcher = folder, model_file, batcher
         self.services: dict[str, Service] = {}
         self.homes: dict[str, Path] = {}
         self.retiring: set[asyncio.Task] = set()
         self._lock: asyncio.Lock | None = None  # one swap or reload at a time
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
+        # called after each change made here (Ray Serve passes it on to every replica)
+        self.on_change: Callable[[], Awaitable[None]] | None = None
 
     @classmethod
     def of_file(cls, load, path: Path, limits=None, audit=None, name: str | None = None):
@@ -61,9 +64,11 @@ class Catalog:
         return catalog
 
     @classmethod
-    def of_folder(cls, load, folder: Path, limits=None, audit=None, model_file="model.pt"):
+    def of_folder(
+        cls, load, folder: Path, limits=None, audit=None, model_file="model.pt", batcher=None
+    ):
         """Every folder in folder holding model_file, under the folder's name."""
-        catalog = cls(load, limits, audit, folder, model_file)
+        catalog = cls(load, limits, audit, folder, model_file, batcher)
         found = catalog.found()
         if not found:
             raise StpmError(f"no folder in {folder} holds a {model_file} (see --model-file)")
@@ -91,7 +96,7 @@ class Catalog:
 
     def open(self, name: str, path: Path) -> Service:
         """A Service for the file, with the threshold set by hand for it, if any."""
-        service = Service(self.load(path), path, self.limits, name=name)
+        service = Service(self.load(path), path, self.limits, name, self.batcher)
         record = self.thresholds(name).get(service.identity["sha256"])
         if record is not None:
             service.threshold, service.threshold_set = record["threshold"], record
@@ -118,6 +123,8 @@ class Catalog:
     def warm(self) -> None:
         """Warm every model; one that fails says why (Service.failure), the others serve."""
         for service in list(self.services.values()):
+            if service.ready.is_set():
+                continue
             try:
                 service.warm()
             except Exception as error:
@@ -234,6 +241,40 @@ class Catalog:
         service.threshold, service.threshold_set = value, record
         self.record("threshold", who, name, before, value, model_sha256=sha, note=note)
         return record
+
+    async def changed(self) -> None:
+        """After a change made here: tell whoever listens (on_change)."""
+        if self.on_change is not None:
+            await self.on_change()
+
+    def wanted(self) -> dict:
+        """What is served, as data: each model's file and the threshold set for it by hand (the
+        state Ray Serve's replicas share through user_config)."""
+        return {
+            name: {"path": str(service.path), "threshold_set": service.threshold_set}
+            for name, service in sorted(self.services.items())
+        }
+
+    async def apply(self, wanted: dict) -> None:
+        """Serve what `wanted` describes (a change made elsewhere, already audited there): a
+        model whose file differs is swapped (one that fails keeps the old model), a threshold
+        set by hand is taken."""
+        async with self.lock:
+            for name, entry in wanted.items():
+                path, service = Path(entry["path"]), self.services.get(name)
+                if service is None or service.path != path:
+                    self.homes.setdefault(name, path.parent)
+                    try:
+                        new = await asyncio.to_thread(self.prepare, name, path)
+                    except StpmError:
+                        continue
+                    self.services[name] = new
+                    if service is not None:
+                        self.retire(service)
+                    service = new
+                record = entry.get("threshold_set")
+                if record is not None:
+                    service.threshold, service.threshold_set = record["threshold"], record
 
     def record(self, action, who, model, before, after, error: str | None = None, **more):
         """An audit line (when there is a trail): what, on which model, from, to, by whom."""

@@ -673,7 +673,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     from .service import Limits
 
     _check_serve_arguments(args)
-    token, admin_token = _token(args.token_file), _token(args.admin_token_file)
+    token, admin_token = serve.read_token(args.token_file), serve.read_token(args.admin_token_file)
     if token is not None and token == admin_token:
         raise StpmError("--token-file and --admin-token-file must hold different tokens")
     args.threads = args.threads or max(1, runtime.default_threads() // args.workers)
@@ -730,22 +730,6 @@ def _check_serve_arguments(args: argparse.Namespace) -> None:
             )
         except (OSError, ssl.SSLError) as error:
             raise StpmError(f"cannot use --tls-cert/--tls-key: {error}") from None
-
-
-def _token(path: Path | None) -> str | None:
-    """The bearer token from its file (first line, stripped), or None."""
-    if path is None:
-        return None
-    try:
-        token = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise StpmError(f"cannot read the token file {path}: {error}") from None
-    if len(token) < 16 or any(character.isspace() for character in token):
-        raise StpmError(
-            f"the token in {path} must be one word of at least 16 characters "
-            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-        )
-    return token
 
 
 def _serve_parser() -> argparse.ArgumentParser:

@@ -713,6 +713,7 @@ async def swap(request: Request, model: str):
     except StpmError as error:
         raise Problem(422, f"not swapped, the old model still serves: {error}") from None
     log.info(json.dumps({"event": "swap", "model": model, "sha256": new.identity["sha256"]}))
+    await catalog.changed()
     return JSONResponse(new.describe())
 
 
@@ -723,7 +724,7 @@ async def set_model_threshold(request: Request, model: str):
     who = admin(request, "threshold", model)
     catalog: Catalog = request.app.state.catalog
     wanted = await json_body(request, catalog.get(model).limits)
-    return change_threshold(catalog, model, wanted, who)
+    return await change_threshold(catalog, model, wanted, who)
 
 
 @routes.put("/v1/threshold", summary="Set the threshold of the one model (admin)")
@@ -738,10 +739,10 @@ async def set_threshold(
     wanted = {"threshold": threshold, "max_false_alarms": max_false_alarms}
     if threshold is None and max_false_alarms is None:
         wanted = await json_body(request, service.limits)
-    return change_threshold(catalog, service.name, wanted, who)
+    return await change_threshold(catalog, service.name, wanted, who)
 
 
-def change_threshold(catalog: Catalog, model: str, wanted: dict, who: dict) -> JSONResponse:
+async def change_threshold(catalog: Catalog, model: str, wanted: dict, who: dict) -> JSONResponse:
     unknown = set(wanted) - {"threshold", "max_false_alarms", "note"}
     if unknown:
         raise Problem(422, f"unknown fields: {', '.join(sorted(unknown))}")
@@ -755,6 +756,7 @@ def change_threshold(catalog: Catalog, model: str, wanted: dict, who: dict) -> J
         raise Problem(422, "note must be text of at most 500 characters")
     record = catalog.set_threshold(model, threshold, share, who, note)
     log.info(json.dumps({"event": "threshold", "model": model, "threshold": record["threshold"]}))
+    await catalog.changed()
     return JSONResponse(record)
 
 
@@ -790,6 +792,22 @@ async def metrics(request: Request):
 
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def read_token(path: Path | None) -> str | None:
+    """The bearer token from its file (first line, stripped), or None."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise StpmError(f"cannot read the token file {path}: {error}") from None
+    if len(token) < 16 or any(character.isspace() for character in token):
+        raise StpmError(
+            f"the token in {path} must be one word of at least 16 characters "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token
 
 
 def check_split(workers: int, threads: int) -> None:

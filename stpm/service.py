@@ -54,9 +54,17 @@ class Service:
     """A loaded model behind the queue: what the endpoints call. detector: a loaded STPM."""
 
     def __init__(
-        self, detector, model_path: str | Path, limits: Limits | None = None, name: str = "model"
+        self,
+        detector,
+        model_path: str | Path,
+        limits: Limits | None = None,
+        name: str = "model",
+        batcher=None,
     ) -> None:
+        """batcher: makes the queue in front of the model from (score, limits); by default
+        stpm.batching's (Ray Serve's replicas use serve.batch instead, stpm.rayserve)."""
         self.detector, self.limits, self.name = detector, limits or Limits(), name
+        self.path = Path(model_path)
         self.threshold: float | None = detector.threshold_
         self.threshold_set: dict | None = None  # who set the threshold by hand, when (or None)
         self.identity = {"name": name, **model_identity(detector, Path(model_path))}
@@ -64,13 +72,7 @@ class Service:
         self.draining = False  # shutting down: what is queued is scored, nothing new taken
         self.failure: str | None = None  # why the model cannot serve (warming failed)
         self.holding = 0  # requests between their body's first byte and their answer
-        self.batcher = batching.Batcher(
-            self.score,
-            self.limits.workers,
-            self.limits.max_batch,
-            self.limits.max_wait,
-            self.limits.queue_size,
-        )
+        self.batcher = (batcher or default_batcher)(self.score, self.limits)
 
     @property
     def capacity(self) -> int:
@@ -222,6 +224,13 @@ class Service:
             "settings": d.settings,
             "limits": dict(vars(self.limits)),
         }
+
+
+def default_batcher(score, limits: Limits) -> batching.Batcher:
+    """stpm.batching's queue and worker threads, as the limits say."""
+    return batching.Batcher(
+        score, limits.workers, limits.max_batch, limits.max_wait, limits.queue_size
+    )
 
 
 def model_identity(detector, path: Path) -> dict:
