@@ -53,8 +53,7 @@ class Settings(BaseModel):
     token_file: str | None = None
     admin_token_file: str | None = None
     audit_log: str | None = None
-    app_name: str = "stpm"
-    route_prefix: str = "/"
+    route_prefix: str = "/"  # where the application was deployed (serve run's default)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -77,7 +76,8 @@ class Scorer:
         self.tokens = [
             read_token(Path(f)) if f else None for f in (s.token_file, s.admin_token_file)
         ]
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica, self.app_name = context.replica_id.unique_id, context.app_name
 
     def load(self, path: Path):
         from .detector import STPM
@@ -98,7 +98,7 @@ class Scorer:
         """After a change here: deploy again with the catalog's state as user_config, so that
         every replica applies it; returns once they have."""
         state = {"models": self.catalog.wanted()}
-        await asyncio.to_thread(redeploy, self.settings, state)
+        await asyncio.to_thread(redeploy, self.settings, state, self.app_name)
 
 
 def named(app, replica: str):
@@ -171,10 +171,8 @@ def application(settings: Settings | dict, state: dict | None = None):
     return Scorer.options(**options, user_config=state or {"models": {}}).bind(s.model_dump())
 
 
-def redeploy(settings: Settings, state: dict) -> None:
+def redeploy(settings: Settings, state: dict, name: str) -> None:
     """Deploy the application again with a new user_config: Ray reconfigures each replica
     (same version: no restart) and returns once all have it. In a thread: on a replica's own
     event loop this would wait for itself."""
-    serve.run(
-        application(settings, state), name=settings.app_name, route_prefix=settings.route_prefix
-    )
+    serve.run(application(settings, state), name=name, route_prefix=settings.route_prefix)

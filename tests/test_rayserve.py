@@ -85,7 +85,7 @@ def test_a_change_reaches_every_replica(serve_url, onnx_file, other_onnx, catego
         replicas=2,
         admin_token_file=str(tmp_path / "admin"),
     )
-    serve.run(rayserve.build(settings), name=settings.app_name, route_prefix="/")
+    serve.run(rayserve.build(settings), name="line", route_prefix="/")
     admin = {"Authorization": f"Bearer {ADMIN}"}
     try:
         assert httpx.get(serve_url + "/readyz", timeout=10).json()["models"] == ["tile"]
@@ -119,7 +119,7 @@ def test_a_change_reaches_every_replica(serve_url, onnx_file, other_onnx, catego
         assert refused.status_code == 403
         trail = httpx.get(serve_url + "/v1/audit", timeout=10).json()
     finally:
-        serve.delete(settings.app_name)
+        serve.delete("line")
     # each change audited once, by the replica that made it
     assert [(e["action"], e["outcome"]) for e in trail] == [
         ("threshold", "done"),
