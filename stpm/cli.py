@@ -692,15 +692,18 @@ def serve_main(argv: list[str] | None = None) -> int:
     def load(path: Path) -> STPM:
         return _load(argparse.Namespace(**{**vars(args), "model": path}))[0]
 
+    if args.models is not None and args.model is not None:
+        raise StpmError("give a model file or --models DIR, not both")
+    where = args.models if args.models is not None else (args.model or runs.latest_model())
+    # a trail wherever something can change: an admin token, or a folder SIGHUP reads again
+    audit = None
+    if args.audit_log or admin_token or args.models:
+        default = where / AUDIT if args.models else where.parent / AUDIT
+        audit = AuditLog(args.audit_log or default)
     if args.models is not None:
-        if args.model is not None:
-            raise StpmError("give a model file or --models DIR, not both")
-        audit = AuditLog(args.audit_log or args.models / AUDIT)
         catalog = Catalog.of_folder(load, args.models, limits, audit, args.model_file)
     else:
-        path = args.model or runs.latest_model()
-        audit = AuditLog(args.audit_log or path.parent / AUDIT)
-        catalog = Catalog.of_file(load, path, limits, audit)
+        catalog = Catalog.of_file(load, where, limits, audit)
     scheme = "https" if args.tls_cert else "http"
     names = ", ".join(sorted(catalog.services))
     print(f"stpm-serve: {names} on {scheme}://{args.host}:{args.port} (docs at /docs)")

@@ -91,14 +91,20 @@ class Scorer:
         return named(create_app(self.catalog, *self.tokens), self.replica)
 
     async def reconfigure(self, state: dict) -> None:
-        """Ray's call on every replica when the deployment's user_config changes."""
-        await self.catalog.apply(state.get("models", {}))
+        """Ray's call on every replica when the deployment's user_config changes; what this
+        replica cannot apply is raised, so that Ray (and the change's answer) reports it."""
+        failed = await self.catalog.apply(state.get("models", {}))
+        if failed:
+            raise StpmError(f"replica {self.replica} could not apply: {'; '.join(failed)}")
 
     async def publish(self) -> None:
         """After a change here: deploy again with the catalog's state as user_config, so that
         every replica applies it; returns once they have."""
         state = {"models": self.catalog.wanted()}
-        await asyncio.to_thread(redeploy, self.settings, state, self.app_name)
+        try:
+            await asyncio.to_thread(redeploy, self.settings, state, self.app_name)
+        except Exception as error:
+            raise StpmError(f"made here, but not on every replica: {error}") from None
 
 
 def named(app, replica: str):

@@ -8,7 +8,9 @@ crash leaves whole lines). Neither holds a token: only the role that presented i
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import threading
 from datetime import datetime, timezone
@@ -19,6 +21,8 @@ from .files import atomic_write_text
 
 THRESHOLDS = "thresholds.json"
 AUDIT = "audit.jsonl"
+SERVING = "serving.json"  # the file a swap chose for a model folder, kept across restarts
+_WRITING = threading.Lock()  # one read-change-write of a thresholds file at a time
 
 
 def now() -> str:
@@ -32,8 +36,6 @@ class Thresholds:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._read()  # a damaged file is refused at start, not at the first change
 
     def get(self, sha256: str) -> dict | None:
         return self._read().get(sha256)
@@ -41,24 +43,38 @@ class Thresholds:
     def set(self, sha256: str, record: dict) -> None:
         """Store the record for this model; StpmError if the file cannot be written (the
         caller then leaves the threshold as it was)."""
-        with self._lock:
+        with _WRITING:
             kept = self._read()
             kept[sha256] = record
-            try:
-                atomic_write_text(self.path, json.dumps(kept, indent=2, allow_nan=False) + "\n")
-            except OSError as error:
-                raise StpmError(f"cannot write {self.path.name}: {error.strerror}") from None
+            write_json(self.path, kept)
 
     def _read(self) -> dict:
-        try:
-            kept = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            raise StpmError(f"cannot read the thresholds in {self.path}: {error}") from None
-        if not isinstance(kept, dict):
-            raise StpmError(f"{self.path} does not hold thresholds by model SHA-256")
-        return kept
+        return read_json(self.path, "thresholds by model SHA-256")
+
+
+class NotKept(StpmError):
+    """A change could not be written down, so it was not made."""
+
+
+def read_json(path: Path, holds: str) -> dict:
+    """A JSON object from a file of ours ({} when there is none); StpmError if damaged."""
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise StpmError(f"cannot read {path.name} in {path.parent.name}: {error}") from None
+    if not isinstance(kept, dict):
+        raise StpmError(f"{path.name} in {path.parent.name} does not hold {holds}")
+    return kept
+
+
+def write_json(path: Path, kept: dict) -> None:
+    """Atomically; NotKept if the file cannot be written."""
+    try:
+        atomic_write_text(path, json.dumps(kept, indent=2, allow_nan=False) + "\n")
+    except OSError as error:
+        raise NotKept(f"cannot write {path.name}: {error.strerror}") from None
 
 
 class AuditLog:
@@ -73,8 +89,12 @@ class AuditLog:
             raise StpmError(f"cannot write the audit log {self.path}: {error.strerror}") from None
 
     def record(self, action: str, **entry) -> dict:
-        """Append one line (one write of an O_APPEND file, then fsync) and return it."""
+        """Append one line (one write of an O_APPEND file, then fsync) and return it. OSError
+        if it cannot be written (the caller logs it: the change itself has been made)."""
         line = {"time": now(), "action": action, **entry}
+        for key, value in line.items():  # a NaN asked for: in words (the file stays JSON)
+            if isinstance(value, float) and not math.isfinite(value):
+                line[key] = repr(value)
         data = (json.dumps(line, allow_nan=False, default=str) + "\n").encode()
         handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
@@ -84,13 +104,13 @@ class AuditLog:
             os.close(handle)
         return line
 
-    def read(self, last: int | None = None) -> list[dict]:
-        """The entries, oldest first (the last `last` of them); a torn line is skipped."""
-        entries = []
+    def read(self, last: int = 100) -> list[dict]:
+        """The last `last` entries, oldest first; a torn line is skipped."""
+        entries: collections.deque = collections.deque(maxlen=last)
         with open(self.path, encoding="utf-8", errors="replace") as handle:
             for text in handle:
                 try:
                     entries.append(json.loads(text))
                 except ValueError:
                     continue
-        return entries if last is None else entries[-last:]
+        return list(entries)

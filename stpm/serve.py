@@ -3,7 +3,9 @@
 A camera PC, a PLC gateway or a MES posts one image and gets the verdict back, as stpm-predict
 would give it for the same file. Built on FastAPI over uvicorn: the stack KServe's Python model
 server, Ray Serve's HTTP ingress and BentoML use, so an operator who knows one knows this; it
-publishes the OpenAPI schema by itself, and the next step (several models, Ray Serve) plugs in.
+publishes the OpenAPI schema by itself. This module reads requests, guards the door and runs the
+server; the endpoints are in stpm.routes, the models by name and their changes in stpm.catalog,
+and the same application runs on Ray Serve (stpm.rayserve).
 
 What keeps it steady (each part in one place):
 - the model runs on a bounded pool of worker threads behind a bounded queue (stpm.batching):
@@ -12,8 +14,9 @@ What keeps it steady (each part in one place):
 - a body larger than the limit is refused from its Content-Length (413), one that does not
   arrive in time is dropped (408), the pixel count is read from the header (413), the type from
   the file's first bytes (415), and an image that does not decode is a 422;
-- `Guard`, a plain ASGI middleware, checks the bearer token in constant time, counts every
-  request in Prometheus metrics and logs one JSON line per request (no image data, no token);
+- `Guard`, a plain ASGI middleware, finds the bearer token's role (score or admin) in constant
+  time, counts every request in Prometheus metrics and logs one JSON line per request (no
+  image data, no token);
 - every error is an RFC 9457 problem (application/problem+json), never a traceback.
 """
 
@@ -21,175 +24,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
 import os
 import signal
 import time
-import urllib.parse
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
-from . import batching, scoring
 from .catalog import Catalog, UnknownModel
-from .errors import ImageTooLarge, StpmError
-from .service import Job, Limits, Service
+from .errors import StpmError
+from .intake import Problem, problem_body
+from .records import NotKept
+from .routes import routes
 from .version import __version__
 
 log = logging.getLogger("stpm.serve")
 
-# what the first bytes of a file say it is: the types stpm.scoring decodes
-SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"\xff\xd8\xff": "JPEG",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-}
 OPEN_PATHS = ("/healthz", "/readyz")  # answered without a token: a supervisor's probes
-MAX_NAME = 255
-# bodies taken as the image itself; the last is what curl --data-binary sends unless told
-RAW_TYPES = ("", "application/octet-stream", "application/x-www-form-urlencoded")
-
-
-class Problem(Exception):
-    """An HTTP error answered as an RFC 9457 problem; headers such as Retry-After beside it."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
-
-
-# ----------------------------------------------------------------------------- the request
-
-
-def image_type(encoded: bytes) -> str:
-    """The image type from the file's first bytes; Problem 415 for anything else."""
-    for signature, kind in SIGNATURES.items():
-        if encoded.startswith(signature):
-            return kind
-    if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP":
-        return "WebP"
-    raise Problem(415, "the body is not a PNG, JPEG, BMP, TIFF or WebP image")
-
-
-async def read_body(request, limits: Limits) -> bytes:
-    """The whole body, or Problem 413 (over max_body: from Content-Length, unread, or counted)
-    or 408 (not arrived within body_timeout; the connection is closed)."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limits.max_body):
-        raise Problem(413, f"the body is over the limit of {limits.max_body:,} bytes")
-    chunks, size = [], 0
-
-    async def gather() -> None:
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body:
-                raise Problem(413, f"the body is over the limit of {limits.max_body:,} bytes")
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(gather(), limits.body_timeout)
-    except ClientDisconnect:  # gone mid-body: nobody reads the answer, the log shows 499
-        raise Problem(499, "the client hung up while sending") from None
-    except asyncio.TimeoutError:
-        raise Problem(
-            408,
-            f"the body did not arrive within {limits.body_timeout:g} s",
-            {"Connection": "close"},
-        ) from None
-    return b"".join(chunks)
-
-
-async def image_from(request, body: bytes) -> tuple[bytes, str | None]:
-    """The image and its filename: the body itself, or a multipart form's first file."""
-    kind = request.headers.get("content-type", "application/octet-stream")
-    kind = kind.split(";")[0].strip().lower()
-    if kind != "multipart/form-data":
-        if kind not in RAW_TYPES and not kind.startswith("image/"):
-            raise Problem(415, f"send the image as the body (image/*) or multipart, not {kind}")
-        return body, None
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    async def once():
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=8).parse()
-    except (MultiPartException, ValueError, KeyError) as error:
-        raise Problem(422, f"cannot read the multipart form: {error}") from None
-    uploads = [value for _, value in form.multi_items() if hasattr(value, "read")]
-    if not uploads:
-        raise Problem(422, "the multipart form has no file field")
-    try:
-        return await uploads[0].read(), uploads[0].filename
-    finally:
-        await uploads[0].close()
-
-
-def check_image(encoded: bytes, limits: Limits) -> None:
-    """Before queueing: a known type (415), not too many pixels from its header (413)."""
-    if not encoded:
-        raise Problem(422, "the body is empty: send an image")
-    image_type(encoded)
-    try:
-        scoring.check_pixel_count(encoded, "the image", limits.max_pixels, strict=True)
-    except ImageTooLarge as error:
-        raise Problem(413, str(error)) from None
-
-
-async def until_disconnected(receive: Callable) -> None:
-    """Returns when the client hangs up (the body has been read: nothing else can arrive)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def run_job(service: Service, job: Job, request) -> dict | None:
-    """The job's answer from the queue, None if the client hung up first (the job is dropped
-    unscored if it was still queued); Problem 503 when full, expired or shutting down."""
-    deadline = time.monotonic() + service.limits.deadline  # from the body's arrival: a slow
-    # upload (bounded by body_timeout) does not eat the time its scoring may wait
-    scoring_task = asyncio.ensure_future(service.batcher.submit(job, deadline))
-    watch = asyncio.ensure_future(until_disconnected(request.receive))
-    try:
-        await asyncio.wait({scoring_task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not scoring_task.done():
-        scoring_task.cancel()
-        return None
-    try:
-        result = scoring_task.result()
-    except batching.Overloaded as error:
-        raise Problem(503, str(error), {"Retry-After": str(round(error.retry_after))}) from None
-    except batching.Expired as error:
-        retry = str(round(service.batcher.retry_after()))
-        raise Problem(503, f"not scored in time: {error}", {"Retry-After": retry}) from None
-    except batching.Closed as error:
-        raise Problem(503, str(error), {"Retry-After": "5"}) from None
-    if isinstance(result, ImageTooLarge):
-        raise Problem(413, str(result))
-    if isinstance(result, StpmError):
-        raise Problem(422, str(result))
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
-def header_name(name: str | None) -> str:
-    """A name fit for a response header (latin-1 only): percent-encoded UTF-8."""
-    return urllib.parse.quote(name or "", safe="./_-()[]")
 
 
 # ----------------------------------------------------------------------------- middleware
@@ -295,17 +153,6 @@ async def send_problem(send, problem: Problem) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def problem_body(status: int, detail: str) -> dict[str, Any]:
-    """RFC 9457's fields: no type beyond the status, a title from it, the detail in words."""
-    from http import HTTPStatus
-
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
-    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
-
-
 def configure_logging(stream=None) -> None:
     """One JSON line per request on stderr (or stream), nothing else from this logger."""
     handler = logging.StreamHandler(stream)
@@ -388,6 +235,10 @@ async def on_unknown(request: Request, error: UnknownModel) -> JSONResponse:
     return problem(404, str(error))
 
 
+async def on_not_kept(request: Request, error: NotKept) -> JSONResponse:
+    return problem(503, f"not changed: {error}")  # the server's disk, not the request
+
+
 async def on_stpm_error(request: Request, error: StpmError) -> JSONResponse:
     return problem(422, str(error))  # a request the model cannot honour (a bad threshold rule)
 
@@ -409,6 +260,7 @@ async def on_bug(request: Request, error: Exception) -> JSONResponse:
 HANDLERS = {
     Problem: on_problem,
     UnknownModel: on_unknown,
+    NotKept: on_not_kept,
     StpmError: on_stpm_error,
     HTTPException: on_http,
     RequestValidationError: on_invalid,
@@ -451,347 +303,6 @@ def report_failures(catalog: Catalog) -> None:
             log.error(
                 json.dumps({"event": "failed", "model": service.name, "detail": service.failure})
             )
-
-
-async def answer_for(request: Request, model: str | None, overlay: bool, query: dict):
-    """Read, check, queue and score one request's image: its answer, None if the client left.
-    model: the model's name (None: the only one); query: name, threshold, max_false_alarms,
-    details."""
-    catalog: Catalog = request.app.state.catalog
-    service = catalog.only() if model is None else catalog.get(model)
-    check_available(service)
-    # refused before the body is read: overload costs little, and the bodies held in memory
-    # are bounded (twice what the queue and the workers take, each at most max_body)
-    if service.batcher.full or service.holding >= 2 * service.capacity:
-        retry = str(round(service.batcher.retry_after()))
-        raise Problem(503, "the queue is full", {"Retry-After": retry, "Connection": "close"})
-    threshold = service.threshold_for(query["threshold"], query["max_false_alarms"])
-    service.holding += 1  # on the event loop's thread alone: no lock. From here the request
-    try:  # holds this model: a swap closes it only once holding is back to 0
-        job = await job_from(request, service, query["name"], threshold, query["details"], overlay)
-        answer = await run_job(service, job, request)
-    finally:
-        service.holding -= 1
-    if answer is None:
-        return None
-    found = request.scope["stpm"]
-    found.update(name=job.name, model=service.name, verdict=answer["verdict"])
-    found["score"] = answer["score"]
-    timings = {key: round(value, 3) for key, value in job.timings.items()}
-    timings["total"] = round((time.monotonic() - found["arrived"]) * 1000, 3)
-    answer["timings_ms"] = timings
-    found.update(timings)
-    return answer
-
-
-def check_available(service: Service) -> None:
-    """Problem 503 while the model takes no request: come back in a second while it warms,
-    elsewhere (Connection: close) while the service stops; a failed warm-up says why."""
-    why = service.unavailable()
-    if why is None:
-        return
-    if service.draining:
-        raise Problem(503, why, {"Connection": "close"})
-    raise Problem(503, why, {} if service.failure else {"Retry-After": "1"})
-
-
-async def job_from(request: Request, service: Service, name, threshold, details, overlay) -> Job:
-    """The request's image read and checked (size, time, type, pixels) and its name."""
-    body = await read_body(request, service.limits)
-    encoded, filename = await image_from(request, body)
-    name = name if name is not None else filename
-    if name is not None and len(name) > MAX_NAME:
-        raise Problem(422, f"the name is longer than {MAX_NAME} characters")
-    check_image(encoded, service.limits)
-    return Job(encoded, name, threshold, details, overlay)
-
-
-def admin(request: Request, action: str, model: str | None) -> dict:
-    """Who asks for a change ({role, client}), if they may; otherwise the attempt is audited
-    and answered 403."""
-    scope = request.scope
-    who = {"role": scope["stpm"]["role"], "client": (scope.get("client") or ("",))[0]}
-    if who["role"] == "admin":
-        return who
-    if not request.app.state.admin:
-        detail = "this service has no admin token: nothing can be changed (--admin-token-file)"
-    else:
-        detail = "this change needs the admin token"
-    request.app.state.catalog.refused(action, who, model, detail)
-    log.info(json.dumps({"event": "refused", "action": action, "model": model, **who}))
-    raise Problem(403, detail)
-
-
-async def json_body(request: Request, limits: Limits) -> dict:
-    """The body as a JSON object, or Problem 422."""
-    body = await read_body(request, limits)
-    try:
-        found = json.loads(body or b"{}")
-    except ValueError as error:
-        raise Problem(422, f"the body is not JSON: {error}") from None
-    if not isinstance(found, dict):
-        raise Problem(422, "the body must be a JSON object")
-    return found
-
-
-routes = APIRouter()
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "One PNG, JPEG, BMP, TIFF or WebP image (8 or 16 bit): the body itself, "
-        "or the file field of a multipart form (its filename is the part's name).",
-        "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                }
-            },
-        },
-    }
-}
-THRESHOLD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "threshold": {"type": "number", "description": "a raw-score threshold"},
-                        "max_false_alarms": {
-                            "type": "number",
-                            "description": "the share of defect-free validation images to reject",
-                        },
-                        "note": {"type": "string", "description": "why, for the audit trail"},
-                    },
-                }
-            }
-        },
-    }
-}
-SWAP_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": 'JSON {"path": a model file on the server (relative: to the model\'s '
-        "folder)}, or the model file itself (model.pt or .onnx) as the body or a multipart file.",
-        "content": {
-            "application/json": {
-                "schema": {"type": "object", "properties": {"path": {"type": "string"}}}
-            },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-NAME = Query(None, description="the part's name, returned with its result")
-THRESHOLD = Query(None, description="a raw-score threshold instead of the model's")
-FALSE_ALARMS = Query(
-    None,
-    gt=0,
-    lt=1,
-    description="instead of threshold: the share of the defect-free validation images to reject",
-)
-DETAILS = Query(False, description="add the peak and the mask's bounding boxes")
-MAX_UPLOAD = 2**30  # bytes: a model file sent over HTTP
-
-
-def scoring_query(
-    name: str | None = NAME,
-    threshold: float | None = THRESHOLD,
-    max_false_alarms: float | None = FALSE_ALARMS,
-    details: bool = DETAILS,
-) -> dict:
-    return {
-        "name": name,
-        "threshold": threshold,
-        "max_false_alarms": max_false_alarms,
-        "details": details,
-    }
-
-
-SCORING = Depends(scoring_query)
-
-
-async def predict_answer(request: Request, model: str | None, query: dict) -> Response:
-    answer = await answer_for(request, model, False, query)
-    return Response(status_code=499) if answer is None else JSONResponse(answer)
-
-
-async def overlay_answer(request: Request, model: str | None, query: dict) -> Response:
-    answer = await answer_for(request, model, True, {**query, "details": False})
-    if answer is None:
-        return Response(status_code=499)
-    headers = {
-        "X-Stpm-Name": header_name(answer["name"]),
-        "X-Stpm-Score": repr(answer["score"]),
-        "X-Stpm-Normalized-Score": repr(answer["normalized_score"]),
-        "X-Stpm-Verdict": answer["verdict"],
-        "X-Stpm-Threshold": repr(answer["threshold"]),
-        "X-Stpm-Model": answer["model"]["name"],
-        "X-Stpm-Model-Sha256": answer["model"]["sha256"],
-    }
-    return Response(answer["png"], media_type="image/png", headers=headers)
-
-
-OVERLAY = {
-    "openapi_extra": IMAGE_BODY,
-    "response_class": Response,
-    "responses": {200: {"content": {"image/png": {}}}},
-}
-
-
-@routes.post("/v1/predict", openapi_extra=IMAGE_BODY, summary="Score one image (one model)")
-async def predict(request: Request, query: dict = SCORING):
-    return await predict_answer(request, None, query)
-
-
-@routes.post("/v1/models/{model}/predict", openapi_extra=IMAGE_BODY, summary="Score one image")
-async def predict_with(request: Request, model: str, query: dict = SCORING):
-    return await predict_answer(request, model, query)
-
-
-@routes.post("/v1/overlay", summary="The overlay PNG, the verdict in X-Stpm-* headers", **OVERLAY)
-async def overlay(request: Request, query: dict = SCORING):
-    return await overlay_answer(request, None, query)
-
-
-@routes.post("/v1/models/{model}/overlay", summary="The overlay PNG of one model", **OVERLAY)
-async def overlay_with(request: Request, model: str, query: dict = SCORING):
-    return await overlay_answer(request, model, query)
-
-
-@routes.get("/v1/model", summary="The model, its threshold and validation statistics")
-async def the_model(request: Request):
-    return JSONResponse(request.app.state.catalog.only().describe())
-
-
-@routes.get("/v1/models", summary="The models served, by name")
-async def models(request: Request):
-    catalog: Catalog = request.app.state.catalog
-    return {
-        name: {
-            **service.identity,
-            "threshold": service.threshold,
-            "ready": not service.unavailable(),
-        }
-        for name, service in sorted(catalog.services.items())
-    }
-
-
-@routes.get("/v1/models/{model}", summary="One model, its threshold and validation statistics")
-async def one_model(request: Request, model: str):
-    return JSONResponse(request.app.state.catalog.get(model).describe())
-
-
-@routes.get("/v1/models/{model}/ready", summary="This model is loaded and warm")
-async def model_ready(request: Request, model: str):
-    check_available(request.app.state.catalog.get(model))
-    return {"status": "ready"}
-
-
-@routes.put("/v1/models/{model}", openapi_extra=SWAP_BODY, summary="Swap in a new model (admin)")
-async def swap(request: Request, model: str):
-    catalog: Catalog = request.app.state.catalog
-    who = admin(request, "swap", model)
-    service = catalog.get(model)
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limits = dataclasses.replace(service.limits, max_body=MAX_UPLOAD, body_timeout=600)
-    if kind == "application/json":
-        given = (await json_body(request, service.limits)).get("path")
-        if not isinstance(given, str) or not given:
-            raise Problem(422, 'give {"path": "a model file on the server"} or send the file')
-        path = catalog.homes[model] / Path(given).expanduser()
-        if not path.is_file():
-            raise Problem(422, f"no model file at {given}")
-    else:
-        encoded, filename = await image_from(request, await read_body(request, limits))
-        path = await asyncio.to_thread(catalog.keep_upload, model, encoded)
-    try:
-        new = await catalog.swap(model, path, who)
-    except StpmError as error:
-        raise Problem(422, f"not swapped, the old model still serves: {error}") from None
-    log.info(json.dumps({"event": "swap", "model": model, "sha256": new.identity["sha256"]}))
-    await catalog.changed()
-    return JSONResponse(new.describe())
-
-
-@routes.put(
-    "/v1/models/{model}/threshold", openapi_extra=THRESHOLD_BODY, summary="Set the threshold"
-)
-async def set_model_threshold(request: Request, model: str):
-    who = admin(request, "threshold", model)
-    catalog: Catalog = request.app.state.catalog
-    wanted = await json_body(request, catalog.get(model).limits)
-    return await change_threshold(catalog, model, wanted, who)
-
-
-@routes.put("/v1/threshold", summary="Set the threshold of the one model (admin)")
-async def set_threshold(
-    request: Request,
-    threshold: float | None = Query(None, description="a raw-score threshold"),
-    max_false_alarms: float | None = FALSE_ALARMS,
-):
-    who = admin(request, "threshold", None)
-    catalog: Catalog = request.app.state.catalog
-    service = catalog.only()
-    wanted = {"threshold": threshold, "max_false_alarms": max_false_alarms}
-    if threshold is None and max_false_alarms is None:
-        wanted = await json_body(request, service.limits)
-    return await change_threshold(catalog, service.name, wanted, who)
-
-
-async def change_threshold(catalog: Catalog, model: str, wanted: dict, who: dict) -> JSONResponse:
-    unknown = set(wanted) - {"threshold", "max_false_alarms", "note"}
-    if unknown:
-        raise Problem(422, f"unknown fields: {', '.join(sorted(unknown))}")
-    threshold, share, note = (wanted.get(key) for key in ("threshold", "max_false_alarms", "note"))
-    number = (int, float)
-    if not isinstance(threshold, (*number, type(None))) or isinstance(threshold, bool):
-        raise Problem(422, "threshold must be a number")
-    if share is not None and (not isinstance(share, number) or not 0 < share < 1):
-        raise Problem(422, "max_false_alarms must be a number between 0 and 1")
-    if note is not None and (not isinstance(note, str) or len(note) > 500):
-        raise Problem(422, "note must be text of at most 500 characters")
-    record = catalog.set_threshold(model, threshold, share, who, note)
-    log.info(json.dumps({"event": "threshold", "model": model, "threshold": record["threshold"]}))
-    await catalog.changed()
-    return JSONResponse(record)
-
-
-@routes.get("/v1/audit", summary="The audit trail: every change and refused attempt")
-async def audit(request: Request, last: int = Query(100, ge=1, le=10_000)):
-    trail = request.app.state.catalog.audit
-    return [] if trail is None else await asyncio.to_thread(trail.read, last)
-
-
-@routes.get("/healthz", summary="Alive")
-async def healthz(request: Request):
-    services = request.app.state.catalog.services.values()
-    failed = [f"{s.name}: {s.failure}" for s in services if s.failure]
-    if failed and len(failed) == len(services):  # alive, but of no use: restart it
-        raise Problem(503, "; ".join(failed))
-    return {"status": "alive"}
-
-
-@routes.get("/readyz", summary="Every model is loaded and warm")
-async def readyz(request: Request):
-    catalog: Catalog = request.app.state.catalog
-    waiting = catalog.unavailable()
-    if waiting:
-        said = "; ".join(f"{name}: {why}" for name, why in sorted(waiting.items()))
-        draining = any(service.draining for service in catalog.services.values())
-        raise Problem(503, said, {"Connection": "close"} if draining else {"Retry-After": "1"})
-    return {"status": "ready", "models": sorted(catalog.services)}
-
-
-@routes.get("/metrics", summary="Prometheus metrics")
-async def metrics(request: Request):
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def read_token(path: Path | None) -> str | None:
@@ -893,8 +404,8 @@ class Server:
     def reload(self, *_) -> None:
         """On SIGHUP: the catalog reads its folder again, on the event loop; each outcome is
         logged (and audited)."""
-        loop = getattr(self.catalog, "loop", None)
-        if loop is None:
+        loop = self.catalog.loop
+        if loop is None or loop.is_closed() or self.catalog.draining:
             return
         who = {"role": "signal", "client": "SIGHUP"}
 

@@ -9,6 +9,7 @@ against its own threshold and its answer (and overlay PNG) built there, off the 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -189,12 +190,20 @@ class Service:
         if max_false_alarms is not None:
             return self.detector.threshold_at(max_false_alarms)
         if threshold is not None:
-            if not np.isfinite(threshold):
+            try:
+                value = float(threshold)
+            except (OverflowError, TypeError, ValueError):
+                raise StpmError("threshold must be a finite number") from None
+            if not math.isfinite(value):
                 raise StpmError("threshold must be a finite number")
-            return float(threshold)
+            return value
         if self.threshold is None:
             raise StpmError("this model has no threshold; pass threshold or max_false_alarms")
         return self.threshold
+
+    def take_threshold(self, record: dict) -> None:
+        """Judge by a threshold set by hand (a stpm.records record: value, rule, who, when)."""
+        self.threshold, self.threshold_set = float(record["threshold"]), record
 
     def describe(self) -> dict:
         """What GET /v1/model answers: identity, settings, rule, threshold, validation statistics."""
