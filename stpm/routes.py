@@ -313,7 +313,10 @@ async def model_file_from(request: Request, catalog: Catalog, model: str) -> Pat
             return path
     except (OSError, RuntimeError, ValueError):
         pass
-    raise Problem(422, f"no model file at {given}")
+    raise Problem(
+        422,
+        f"no model file {Path(given).name!r} there (a relative path starts at the model's folder)",
+    )
 
 
 @routes.put(

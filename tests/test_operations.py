@@ -3,6 +3,7 @@ persist, roles and the audit trail (issue 29). Servers stop by themselves (tests
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 from stpm import STPM  # noqa: E402
 from stpm.catalog import Catalog  # noqa: E402
 from stpm.client import Client, ServiceError  # noqa: E402
+from stpm.errors import StpmError  # noqa: E402
 from stpm.export import export_model  # noqa: E402
 from stpm.records import AuditLog  # noqa: E402
 from stpm.service import Limits, file_sha256  # noqa: E402
@@ -84,6 +86,8 @@ def put(url: str, path: str, headers=ADMINISTRATOR, **kwargs) -> httpx.Response:
 
 
 def test_two_models_side_by_side_score_as_each_alone(folder, expected, images):
+    (folder / "broken").mkdir()
+    (folder / "broken" / "model.onnx").write_bytes(b"not a model")  # the others still serve
     with served(catalog_of(folder, max_batch=1)) as (url, _):
         ready = httpx.get(url + "/readyz").json()
         assert ready == {"status": "ready", "models": ["a", "b"]}
@@ -100,6 +104,9 @@ def test_two_models_side_by_side_score_as_each_alone(folder, expected, images):
         unnamed = httpx.post(url + "/v1/predict", content=images[0].read_bytes())
         assert unnamed.status_code == 404 and "name one" in unnamed.json()["detail"]
         assert httpx.get(url + "/v1/models/c").status_code == 404
+    (failed,) = AuditLog(folder / "audit.jsonl").read()
+    assert failed["action"] == "load" and failed["model"] == "broken"
+    assert failed["outcome"].startswith("failed") and str(folder) not in failed["outcome"]
 
 
 def test_swaps_under_load_drop_nothing(folder, second_onnx, expected, images):
@@ -148,7 +155,15 @@ def test_a_failed_swap_keeps_the_old_model(folder, second_onnx, images):
     junk.write_bytes(b"not a model at all")
     with served(catalog_of(folder), admin=ADMIN) as (url, _):
         before = httpx.get(url + "/v1/models/a").json()["sha256"]
-        for body in ({"path": str(junk)}, {"path": "missing.onnx"}, {"file": "x"}):
+        bodies = [
+            {"path": str(junk)},
+            {"path": "missing.onnx"},
+            {"file": "x"},
+            {"path": "~nobody-here/x"},
+            {"path": "a" * 300},
+            {"path": str(folder)},
+        ]
+        for body in bodies:
             refused = put(url, "/v1/models/a", json=body)
             assert refused.status_code == 422, refused.text
             assert "Traceback" not in refused.text
@@ -162,7 +177,9 @@ def test_a_failed_swap_keeps_the_old_model(folder, second_onnx, images):
             assert uploaded["sha256"] == file_sha256(second_onnx)
             trail = client.audit()
     failed = [entry for entry in trail if entry["outcome"].startswith("failed")]
-    assert failed and failed[0]["from"] == before and "junk.onnx" in failed[0]["outcome"]
+    assert len(failed) == len(bodies) + 1  # each refused swap, wherever it stopped
+    assert failed[0]["from"] == before and "junk.onnx" in failed[0]["outcome"]
+    assert all(str(folder) not in entry["outcome"] for entry in failed)
     assert list((folder / "a" / "uploads").glob("*.onnx"))
 
 
@@ -189,9 +206,48 @@ def test_a_threshold_survives_a_restart_and_stays_with_its_model(folder, second_
         assert back["threshold"] == 1.5  # the one set for that model, again
         share = put(url, "/v1/models/b/threshold", json={"max_false_alarms": 0.5}).json()
         assert share["threshold"] == STPM.load(second_onnx).threshold_at(0.5)
-        for bad in ('{"threshold": "high"}', '{"threshold": NaN}', '{"max_false_alarms": 2}', "["):
+        huge = '{"threshold": 1' + "0" * 400 + "}"
+        for bad in (
+            '{"threshold": "high"}',
+            '{"threshold": NaN}',
+            '{"max_false_alarms": 2}',
+            "[",
+            huge,
+        ):
             refused = put(url, "/v1/models/b/threshold", content=bad)
             assert refused.status_code == 422, (bad, refused.text)
+
+
+def test_a_swap_is_kept_until_the_folder_changes(folder, second_onnx):
+    with served(catalog_of(folder), admin=ADMIN) as (url, _):
+        assert put(url, "/v1/models/a", json={"path": str(second_onnx)}).status_code == 200
+    catalog = catalog_of(folder)  # a restart: the swapped-in model, not the folder's file
+    assert catalog.get("a").identity["sha256"] == file_sha256(second_onnx)
+    catalog.get("a").close()
+    catalog.get("b").close()
+    chosen = json.loads((folder / "a" / "serving.json").read_text())
+    chosen["replaced"] = "0" * 64  # as if a new model.onnx had been put in the folder since
+    (folder / "a" / "serving.json").write_text(json.dumps(chosen))
+    assert catalog_of(folder).found()["a"] == folder / "a" / "model.onnx"
+
+
+def test_a_reload_never_empties_the_service_nor_swaps_while_stopping(folder, second_onnx):
+    catalog = catalog_of(folder)
+    who = {"role": "signal", "client": "SIGHUP"}
+
+    async def changes() -> None:
+        for name in ("a", "b"):
+            (folder / name / "model.onnx").rename(folder / name / "gone.onnx")
+        (outcome,) = await catalog.reload(who)
+        assert outcome["outcome"] == "failed: the folder holds no model"
+        assert sorted(catalog.services) == ["a", "b"]
+        catalog.set_draining()
+        with pytest.raises(StpmError, match="stopping"):
+            await catalog.swap("a", second_onnx, who)
+        await catalog.close()
+
+    asyncio.run(changes())
+    assert catalog.get("a").batcher.closed
 
 
 def test_changes_need_the_admin_token_and_are_audited(folder, second_onnx, images):
