@@ -68,3 +68,19 @@ def onnx_file(trained, tmp_path_factory) -> Path:
     model, _ = trained
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     return export_model(model.runtime_, path, check=False).path
+
+
+@pytest.fixture(scope="session")
+def second_onnx(trained, tmp_path_factory) -> Path:
+    """Another model: the tiny one with its student's weights scaled by 1.2, exported to ONNX,
+    so that its scores (and its SHA-256) differ from onnx_file's."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(trained[0])
+    with torch.no_grad():
+        for parameter in model.runtime_.student.parameters():
+            parameter.mul_(1.2)
+    path = tmp_path_factory.mktemp("second") / "model.onnx"
+    return export_model(model.runtime_, path, check=False).path

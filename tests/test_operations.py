@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import shutil
 import signal
@@ -22,13 +21,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 import httpx  # noqa: E402
-import torch  # noqa: E402
 
 from stpm import STPM  # noqa: E402
 from stpm.catalog import Catalog  # noqa: E402
 from stpm.client import Client, ServiceError  # noqa: E402
 from stpm.errors import StpmError  # noqa: E402
-from stpm.export import export_model  # noqa: E402
 from stpm.records import AuditLog  # noqa: E402
 from stpm.service import Limits, file_sha256  # noqa: E402
 
@@ -39,17 +36,6 @@ SCORER, ADMINISTRATOR = (
     {"Authorization": f"Bearer {TOKEN}"},
     {"Authorization": f"Bearer {ADMIN}"},
 )
-
-
-@pytest.fixture(scope="module")
-def second_onnx(trained, tmp_path_factory) -> Path:
-    """Another model: the tiny one with its student's weights scaled, so its scores differ."""
-    model = copy.deepcopy(trained[0])
-    with torch.no_grad():
-        for parameter in model.runtime_.student.parameters():
-            parameter.mul_(1.2)
-    path = tmp_path_factory.mktemp("second") / "model.onnx"
-    return export_model(model.runtime_, path, check=False).path
 
 
 @pytest.fixture(scope="module")

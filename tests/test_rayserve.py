@@ -3,12 +3,10 @@ replica reaches both (issue 29). Ray and the application are shut down at the en
 
 from __future__ import annotations
 
-import copy
 import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +15,9 @@ pytest.importorskip("fastapi")
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
-import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
 from stpm import rayserve  # noqa: E402
-from stpm.export import export_model  # noqa: E402
 from stpm.service import file_sha256  # noqa: E402
 
 ADMIN = "the-admin-token-for-ray-0123"
@@ -39,16 +35,6 @@ def serve_url():
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def other_onnx(trained, tmp_path_factory) -> Path:
-    model = copy.deepcopy(trained[0])
-    with torch.no_grad():
-        for parameter in model.runtime_.student.parameters():
-            parameter.mul_(1.2)
-    path = tmp_path_factory.mktemp("other") / "model.onnx"
-    return export_model(model.runtime_, path, check=False).path
 
 
 def answers_by_replica(url: str, body: bytes, count: int = 48) -> dict:
@@ -74,7 +60,7 @@ def answers_by_replica(url: str, body: bytes, count: int = 48) -> dict:
     return found
 
 
-def test_a_change_reaches_every_replica(serve_url, onnx_file, other_onnx, category, tmp_path):
+def test_a_change_reaches_every_replica(serve_url, onnx_file, second_onnx, category, tmp_path):
     folder = tmp_path / "models"
     (folder / "tile").mkdir(parents=True)
     shutil.copy(onnx_file, folder / "tile" / "model.onnx")
@@ -106,11 +92,11 @@ def test_a_change_reaches_every_replica(serve_url, onnx_file, other_onnx, catego
         assert len(after) == 2 and all(seen == {(own + 1, first)} for seen in after.values())
 
         swapped = httpx.put(
-            serve_url + "/v1/models/tile", json={"path": str(other_onnx)}, headers=admin,
+            serve_url + "/v1/models/tile", json={"path": str(second_onnx)}, headers=admin,
             timeout=120,
         )  # fmt: skip
         assert swapped.status_code == 200, swapped.text
-        second = file_sha256(other_onnx)
+        second = file_sha256(second_onnx)
         after = answers_by_replica(serve_url, body)
         assert len(after) == 2 and all(
             {sha for _, sha in seen} == {second} for seen in after.values()
