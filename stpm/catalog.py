@@ -49,9 +49,11 @@ class Catalog:
         folder: Path | None = None,
         model_file: str = "model.pt",
         batcher=None,
+        keeper=None,
     ) -> None:
         self.load, self.limits, self.audit = load, limits or Limits(), audit
         self.folder, self.model_file, self.batcher = folder, model_file, batcher
+        self.keeper = keeper  # a stpm.record.Keeper every scored part goes to, or None
         self.services: dict[str, Service] = {}
         self.homes: dict[str, Path] = {}
         self.retiring: set[asyncio.Task] = set()
@@ -62,9 +64,9 @@ class Catalog:
         self._lock: asyncio.Lock | None = None  # one change at a time
 
     @classmethod
-    def of_file(cls, load, path: Path, limits=None, audit=None, name: str | None = None):
+    def of_file(cls, load, path: Path, limits=None, audit=None, name=None, keeper=None):
         """One model file, named after its folder (or name)."""
-        catalog = cls(load, limits, audit)
+        catalog = cls(load, limits, audit, keeper=keeper)
         name = name or model_name(path.resolve().parent.name)
         catalog.homes[name] = path.parent
         catalog.services[name] = catalog.open(name, path)
@@ -72,11 +74,18 @@ class Catalog:
 
     @classmethod
     def of_folder(
-        cls, load, folder: Path, limits=None, audit=None, model_file="model.pt", batcher=None
+        cls,
+        load,
+        folder: Path,
+        limits=None,
+        audit=None,
+        model_file="model.pt",
+        batcher=None,
+        keeper=None,
     ):
         """Every folder in folder holding model_file, under the folder's name. One that fails
         to load is logged and audited and the others serve; StpmError if none loads."""
-        catalog = cls(load, limits, audit, folder, model_file, batcher)
+        catalog = cls(load, limits, audit, folder, model_file, batcher, keeper)
         found = catalog.found()
         for name, path in found.items():
             try:
@@ -114,7 +123,7 @@ class Catalog:
     def open(self, name: str, path: Path) -> Service:
         """A Service for the file (not warm yet), with the threshold set by hand for it."""
         record = Thresholds(self.homes[name] / THRESHOLDS).get(file_sha256(path))
-        service = Service(self.load(path), path, self.limits, name, self.batcher)
+        service = Service(self.load(path), path, self.limits, name, self.batcher, self.keeper)
         service.draining = self.draining
         if record is not None:
             service.take_threshold(record)
@@ -367,6 +376,8 @@ class Catalog:
                 await asyncio.wait(set(self.retiring), timeout=30)
             for service in self.services.values():
                 await asyncio.to_thread(service.close)
+            if self.keeper is not None:  # the overlays still waiting are written
+                await asyncio.to_thread(self.keeper.close)
 
     @property
     def lock(self) -> asyncio.Lock:

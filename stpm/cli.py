@@ -353,6 +353,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="images per call to the model")
     parser.add_argument("--save-maps", action="store_true", help="also write <stem>_map.npy")
     parser.add_argument("--no-images", action="store_true", help="CSV and summary only")
+    _add_record_arguments(parser)
     _add_runtime_arguments(parser)
     return parser
 
@@ -361,6 +362,38 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, help=f"model file (default: the newest {runs.RUNS}/**/model.pt)"
     )
+
+
+def _add_record_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("record")
+    group.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="also keep every part in the record in DIR (SQLite on a local disk; the page reads it)",
+    )
+    group.add_argument(
+        "--shifts",
+        metavar="HH:MM,...",
+        help="shift start times, e.g. 06:00,14:00,22:00 (default: calendar days)",
+    )
+    group.add_argument("--keep-days", type=float, help="drop parts older than this")
+    group.add_argument(
+        "--keep-images", type=int, metavar="N", help="keep the overlays of the newest N parts"
+    )
+
+
+def _keeper(args: argparse.Namespace):
+    """The record's keeper for --record (None without it); retention checked first."""
+    if args.record is None:
+        return None
+    from .record import Keeper, Record, Shifts
+
+    for name in ("keep_days", "keep_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise StpmError(f"--{name.replace('_', '-')} must be 0 or more")
+    record = Record(args.record, Shifts.parse(args.shifts))
+    return Keeper(record, args.keep_days, args.keep_images)
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -429,16 +462,22 @@ def predict_main(argv: list[str] | None = None) -> int:
     threshold = args.threshold
     if args.max_false_alarms is not None:
         threshold = detector.threshold_at(args.max_false_alarms)
-    result = outputs.score_files(
-        detector,
-        args.inputs,
-        args.out,
-        threshold=threshold,
-        batch_size=args.batch_size,
-        save_maps=args.save_maps,
-        images=not args.no_images,
-        world=world,
-    )
+    keeper = _keeper(args)  # under torchrun each process records its share (WAL: one file)
+    try:
+        result = outputs.score_files(
+            detector,
+            args.inputs,
+            args.out,
+            threshold=threshold,
+            batch_size=args.batch_size,
+            save_maps=args.save_maps,
+            images=not args.no_images,
+            world=world,
+            keeper=keeper,
+        )
+    finally:
+        if keeper is not None:
+            keeper.close()
     if not world.main:
         return 1 if result.failures else 0
     _print_table(result.rows, result.summary)
@@ -700,10 +739,13 @@ def serve_main(argv: list[str] | None = None) -> int:
     if args.audit_log or admin_token or args.models:
         default = where / AUDIT if args.models else where.parent / AUDIT
         audit = AuditLog(args.audit_log or default)
+    keeper = _keeper(args)
     if args.models is not None:
-        catalog = Catalog.of_folder(load, args.models, limits, audit, args.model_file)
+        catalog = Catalog.of_folder(
+            load, args.models, limits, audit, args.model_file, keeper=keeper
+        )
     else:
-        catalog = Catalog.of_file(load, where, limits, audit)
+        catalog = Catalog.of_file(load, where, limits, audit, keeper=keeper)
     scheme = "https" if args.tls_cert else "http"
     names = ", ".join(sorted(catalog.services))
     print(f"stpm-serve: {names} on {scheme}://{args.host}:{args.port} (docs at /docs)")
@@ -798,5 +840,6 @@ def _serve_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--max-pixels", type=int, help="largest image (default: stpm.scoring.MAX_IMAGE_PIXELS)"
     )
+    _add_record_arguments(parser)
     _add_runtime_arguments(parser)
     return parser

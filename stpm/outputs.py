@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from . import data, distributed, scoring, visualize
+from . import data, distributed, record, scoring, visualize
 from .distributed import World
 from .errors import StpmError
 from .files import atomic_write, atomic_write_text
@@ -87,13 +87,15 @@ def score_files(
     images: bool = True,
     progress: bool = True,
     world: World = distributed.ALONE,
+    keeper=None,
 ) -> ScoringResult:
     """Score every image of inputs (files, folders, globs) into out.
 
     Writes predictions.csv (CSV_COLUMNS, one line per input, errors included), summary.json (the
     counts, the threshold, the model file, the runtime) and, unless images=False,
     <stem>_overlay.png and <stem>_mask.png (plus <stem>_map.npy with save_maps) in sub-folders
-    that mirror the inputs' folders. A bad image is a CSV row with verdict "error", not an
+    that mirror the inputs' folders. keeper: a stpm.record.Keeper each image also goes to
+    (with a copy of its overlay). A bad image is a CSV row with verdict "error", not an
     exception; inputs of which none exists are a mistake (StpmError). world: this process's place under torchrun; every
     process passes the same inputs, rank 0's result holds every row (the others' only theirs).
     """
@@ -118,7 +120,7 @@ def score_files(
     )
     shown = progress and len(mine) > 3 and world.main
     with open(rows_file, "w", newline="", encoding="utf-8") as handle:
-        rows = _Rows(handle, backlog=2 * batch_size)
+        rows = _Rows(handle, backlog=2 * batch_size, keeper=keeper, model=_identity(detector))
         for path in missing:
             rows.put(path, None, f"no such file: {path}")
         for source, outcome in tqdm(outcomes, total=len(mine), unit="img", disable=not shown):
@@ -182,8 +184,9 @@ class _Rows:
     line (flushed: a crash loses at most the images in flight), in the order they are put; at
     most backlog wait, so memory stays bounded while the scoring runs ahead."""
 
-    def __init__(self, handle, backlog: int) -> None:
+    def __init__(self, handle, backlog: int, keeper=None, model: dict | None = None) -> None:
         self.handle, self.writer, self.rows = handle, csv.writer(handle), []
+        self.keeper, self.model = keeper, model or {}
         self.writer.writerow(CSV_COLUMNS)
         self.pool, self.pending, self.backlog = ThreadPoolExecutor(1), deque(), backlog
 
@@ -193,9 +196,18 @@ class _Rows:
             self.pending.popleft().result()  # a failure to write stops the scoring here
 
     def _write(self, source, prediction: Prediction | None, error: str, pictures) -> None:
-        if pictures is not None:
-            _write_images(*pictures)
+        overlay = _write_images(*pictures) if pictures is not None else None
         self.rows.append(_write_row(self.writer, self.handle, source, prediction, error))
+        if self.keeper is not None:
+            self._keep(source, prediction, error, overlay)
+
+    def _keep(self, source, prediction: Prediction | None, error: str, overlay) -> None:
+        try:
+            data = Path(source).read_bytes()
+        except (OSError, TypeError):
+            data = None
+        part = record.part_from("predict", str(source), data, self.model, prediction, error)
+        self.keeper.keep(part, None if overlay is None else overlay.read_bytes)
 
     def close(self) -> list[dict]:
         """Wait for every row; the rows written, in order."""
@@ -209,16 +221,29 @@ class _Rows:
 
 def _write_images(
     path: Path, base: Path, out: Path, prediction: Prediction, save_map: bool
-) -> None:
+) -> Path:
+    """The image's pictures; the overlay's path."""
     folder = out / path.resolve().parent.relative_to(base)
     image = prediction.image if prediction.image is not None else scoring.read_image(path)
-    visualize.write_png(folder / f"{path.stem}_overlay.png", visualize.overlay(image, prediction))
+    overlay = folder / f"{path.stem}_overlay.png"
+    visualize.write_png(overlay, visualize.overlay(image, prediction))
     visualize.write_mask(folder / f"{path.stem}_mask.png", prediction.mask)
     if save_map:
         atomic_write(
             folder / f"{path.stem}_map.npy",
             lambda temporary: _write_npy(temporary, prediction.anomaly_map),
         )
+    return overlay
+
+
+def _identity(detector) -> dict:
+    """The model's identity for the record (as the service names it), if its file is known."""
+    path = getattr(detector.runtime_, "path", None)
+    if path is None or not Path(path).is_file():
+        return {}
+    from .service import model_identity
+
+    return {"name": Path(path).resolve().parent.name, **model_identity(detector, Path(path))}
 
 
 def _write_npy(path: str, array: np.ndarray) -> None:

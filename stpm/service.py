@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import batching, scoring, visualize
+from . import batching, record, scoring, visualize
 from .errors import StpmError
 from .modelfile import FORMAT_VERSION
 from .version import __version__
@@ -49,6 +49,7 @@ class Job:
     timings: dict = field(default_factory=dict)
     image: np.ndarray | None = None  # decoded (Service.decode)
     error: StpmError | None = None  # what stopped the decoding
+    recorded: bool = True  # into the record, if the service keeps one (not the warm-up's probe)
 
 
 class Service:
@@ -61,10 +62,13 @@ class Service:
         limits: Limits | None = None,
         name: str = "model",
         batcher=None,
+        keeper=None,
     ) -> None:
         """batcher: makes the queue in front of the model from (score, limits); by default
-        stpm.batching's (Ray Serve's replicas use serve.batch instead, stpm.rayserve)."""
+        stpm.batching's (Ray Serve's replicas use serve.batch instead, stpm.rayserve).
+        keeper: a stpm.record.Keeper every part (and its overlay) goes to, or None."""
         self.detector, self.limits, self.name = detector, limits or Limits(), name
+        self.keeper = keeper
         self.path = Path(model_path)
         self.threshold: float | None = detector.threshold_
         self.threshold_set: dict | None = None  # who set the threshold by hand, when (or None)
@@ -87,6 +91,7 @@ class Service:
         self.detector.runtime_.warm(range(1, self.limits.max_batch + 1))
         blank = visualize.encode_png(np.full((64, 64, 3), 128, np.uint8))
         job = Job(blank, "probe", self.threshold or 0.0, details=True, overlay=True)
+        job.recorded = False
         (probe,) = self.score([job], [0.0])
         if isinstance(probe, Exception):
             raise probe
@@ -129,11 +134,13 @@ class Service:
                 self.decode(job)
         ready = [job for job in jobs if job.error is None]
         started = time.perf_counter()
-        scored = self._predict(ready, any(job.overlay for job in jobs))
+        drawn = self.keeper is not None or any(job.overlay for job in jobs)
+        scored = self._predict(ready, drawn)
         model_ms = (time.perf_counter() - started) * 1000
         results = []
         for job in jobs:
             if job.error is not None:
+                self._keep(job)
                 results.append(job.error)
                 continue
             job.timings["model"] = model_ms
@@ -180,8 +187,23 @@ class Service:
                 dict(zip("xywh", box, strict=True)) for box in scoring.boxes(prediction.mask)
             ]
         if job.overlay:
-            answer["png"] = visualize.encode_png(visualize.overlay(prediction.image, prediction))
+            answer["png"] = overlay_png(prediction)
+        part = self._keep(job, prediction, answer.get("png"))
+        if part is not None:
+            answer["part"] = part  # its id in the record
         return answer
+
+    def _keep(self, job: Job, prediction=None, png: bytes | None = None) -> int | None:
+        """The part into the record (its row committed now, its overlay drawn later): its id,
+        or None without a record."""
+        if self.keeper is None or not job.recorded:
+            return None
+        part = record.part_from(
+            "service", job.name, job.encoded, self.identity, prediction, job.error
+        )
+        if prediction is None:
+            return self.keeper.keep(part)
+        return self.keeper.keep(part, lambda: png or overlay_png(prediction))
 
     def threshold_for(self, threshold: float | None, max_false_alarms: float | None) -> float:
         """The raw threshold a request asks for, or the service's."""
@@ -233,6 +255,11 @@ class Service:
             "settings": d.settings,
             "limits": dict(vars(self.limits)),
         }
+
+
+def overlay_png(prediction: scoring.Prediction) -> bytes:
+    """The overlay stpm-predict draws, as PNG bytes."""
+    return visualize.encode_png(visualize.overlay(prediction.image, prediction))
 
 
 def default_batcher(score, limits: Limits) -> batching.Batcher:
