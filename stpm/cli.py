@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -364,13 +365,66 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_record_arguments(parser: argparse.ArgumentParser) -> None:
+@_friendly
+def watch_main(argv: list[str] | None = None) -> int:
+    args = _watch_parser().parse_args(argv)
+    if importlib.util.find_spec("watchdog") is None:
+        raise StpmError("stpm-watch needs watchdog: pip install 'stpm[watch]'")
+    from .service import model_identity
+    from .watch import Watcher
+
+    if not args.inbox.is_dir():
+        raise StpmError(f"no such folder: {args.inbox}")
+    if args.settle <= 0 or args.batch_size < 1:
+        raise StpmError("--settle must be above 0 and --batch-size at least 1")
+    keeper = _keeper(args)
+    detector, path = _load(args)
+    identity = {"name": path.resolve().parent.name, **model_identity(detector, path)}
+    watcher = Watcher(
+        args.inbox, detector, keeper, identity, args.settle, args.batch_size, args.poll
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: watcher.stop())
+    _say(f"watching {args.inbox} (Ctrl-C to stop); results in {args.record}")
+    try:
+        watcher.run()
+    finally:
+        keeper.close()
+    return 0
+
+
+def _watch_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "stpm-watch",
+        "Score the images a camera drops into a folder, each once, into the record; move each "
+        "to good/, anomalous/ or error/.",
+    )
+    parser.add_argument("inbox", type=Path, help="the folder the camera writes into")
+    _add_model_argument(parser)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds a file's size must stay the same before it is scored (one renamed in "
+        "is scored at once)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="files per call to the model")
+    parser.add_argument(
+        "--poll", action="store_true", help="poll instead of file-system events (network shares)"
+    )
+    _add_record_arguments(parser, required=True)
+    _add_runtime_arguments(parser)
+    return parser
+
+
+def _add_record_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
     group = parser.add_argument_group("record")
     group.add_argument(
         "--record",
         type=Path,
         metavar="DIR",
-        help="also keep every part in the record in DIR (SQLite on a local disk; the page reads it)",
+        required=required,
+        help="keep every part in the record in DIR (SQLite on a local disk; the page reads it)",
     )
     group.add_argument(
         "--shifts",

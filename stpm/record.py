@@ -103,12 +103,12 @@ class Shifts:
         raise AssertionError("a shift always starts within a day")
 
 
-def check_local(folder: Path) -> None:
-    """StpmError if the folder is on a network share (SQLite's WAL needs a local disk)."""
+def network_filesystem(folder: Path) -> str | None:
+    """The kind of network share the folder is on ("nfs4", "cifs", ...), or None."""
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
     except OSError:  # not Linux: nothing to go by
-        return
+        return None
     where, kind = Path("/"), ""
     resolved = folder.resolve()
     for line in mounts:
@@ -119,10 +119,16 @@ def check_local(folder: Path) -> None:
         inside = resolved == point or point in resolved.parents
         if inside and len(point.parts) >= len(where.parts):
             where, kind = point, fields[2]
-    if kind in NETWORK_FILESYSTEMS:
+    return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+def check_local(folder: Path) -> None:
+    """StpmError if the folder is on a network share (SQLite's WAL needs a local disk)."""
+    kind = network_filesystem(folder)
+    if kind is not None:
         raise StpmError(
-            f"the record folder {folder} is on a network share ({kind} at {where}): SQLite's WAL "
-            "needs a local disk; put the record on one (the images may come from a share)"
+            f"the record folder {folder} is on a network share ({kind}): SQLite's WAL needs a "
+            "local disk; put the record on one (the images may come from a share)"
         )
 
 
