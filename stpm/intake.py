@@ -6,6 +6,7 @@ problem (RFC 9457) it gets when something is wrong. Used by the endpoints (stpm.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -169,3 +170,15 @@ def problem_body(status: int, detail: str) -> dict[str, Any]:
     except ValueError:
         title = "Error"
     return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+
+
+async def json_body(request, limits: Limits) -> dict:
+    """The body as a JSON object, or Problem 422."""
+    body = await read_body(request, limits)
+    try:
+        found = json.loads(body or b"{}")
+    except ValueError as error:
+        raise Problem(422, f"the body is not JSON: {error}") from None
+    if not isinstance(found, dict):
+        raise Problem(422, "the body must be a JSON object")
+    return found

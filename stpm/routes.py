@@ -21,8 +21,17 @@ from fastapi.responses import JSONResponse, Response
 
 from .catalog import Catalog, UnknownModel
 from .errors import StpmError
-from .intake import MAX_NAME, Problem, check_image, header_name, image_from, read_body, run_job
-from .service import Job, Limits, Service
+from .intake import (
+    MAX_NAME,
+    Problem,
+    check_image,
+    header_name,
+    image_from,
+    json_body,
+    read_body,
+    run_job,
+)
+from .service import Job, Service
 
 log = logging.getLogger("stpm.serve")  # the service's one log: a JSON line per event
 
@@ -106,18 +115,6 @@ async def audited(catalog: Catalog, action: str, who: dict, model: str | None):
         detail = error.detail if isinstance(error, Problem) else str(error)
         await asyncio.to_thread(catalog.refused, action, who, model, detail)
         raise
-
-
-async def json_body(request: Request, limits: Limits) -> dict:
-    """The body as a JSON object, or Problem 422."""
-    body = await read_body(request, limits)
-    try:
-        found = json.loads(body or b"{}")
-    except ValueError as error:
-        raise Problem(422, f"the body is not JSON: {error}") from None
-    if not isinstance(found, dict):
-        raise Problem(422, "the body must be a JSON object")
-    return found
 
 
 routes = APIRouter()

@@ -42,6 +42,7 @@ from .catalog import Catalog, UnknownModel
 from .errors import StpmError
 from .intake import Problem, problem_body
 from .records import NotKept
+from .review import parts_routes
 from .routes import routes
 from .version import __version__
 
@@ -138,6 +139,8 @@ def endpoint_of(path: str) -> str:
     parts = path.split("/")
     if len(parts) > 3 and parts[1:3] == ["v1", "models"]:
         parts[3] = "{name}"
+    if len(parts) > 3 and parts[1:3] == ["v1", "parts"]:
+        parts[3] = "{id}"
     return "/".join(parts)
 
 
@@ -187,6 +190,11 @@ class Metrics:
         "/v1/models/{name}/overlay",
         "/v1/models/{name}/threshold",
         "/v1/audit",
+        "/v1/parts",
+        "/v1/parts/{id}",
+        "/v1/parts/{id}/overlay",
+        "/v1/parts/{id}/mark",
+        "/v1/shift",
         "/metrics",
     )
 
@@ -290,10 +298,13 @@ def create_app(catalog: Catalog, token: str | None = None, admin_token: str | No
     app.state.catalog = catalog
     app.state.metrics = Metrics(catalog)
     app.state.admin = admin_token is not None
+    app.state.record = catalog.keeper.record if catalog.keeper is not None else None
     for kind, handler in HANDLERS.items():
         app.add_exception_handler(kind, handler)
     app.include_router(routes)
+    app.include_router(parts_routes)
     tokens = {"score": token, "admin": admin_token}
+    app.state.roles = {role for role, value in tokens.items() if value}
     return Guard(app, {role: value for role, value in tokens.items() if value}, app.state.metrics)
 
 

@@ -21,6 +21,7 @@ from stpm.errors import StpmError
 from stpm.record import Keeper, Record, Shifts
 from stpm.service import Limits
 
+TOKEN = "a-scoring-token-for-the-record"
 PART = {"source": "service", "name": "a.png", "score": 1.0, "verdict": "good", "threshold": 2.0}
 
 
@@ -154,16 +155,37 @@ def test_the_service_commits_the_row_before_it_answers(onnx_file, category, tmp_
     model = STPM.load(onnx_file)
     catalog = Catalog.of_file(lambda path: model, onnx_file, Limits(), keeper=keeper)
     image = sorted((category / "test").rglob("*.png"))[0]
-    with served(catalog) as (url, _):
-        answer = httpx.post(url + "/v1/predict?name=part-1", content=image.read_bytes()).json()
+    scorer = {"Authorization": f"Bearer {TOKEN}"}
+    name = "<img src=x onerror=alert(1)>.png"
+    with served(catalog, TOKEN) as (url, _), httpx.Client(base_url=url, headers=scorer) as http:
+        answer = http.post("/v1/predict", params={"name": name}, content=image.read_bytes())
+        answer = answer.json()
         row = keeper.record.part(answer["part"])  # there as soon as the answer is
         assert row["score"] == answer["score"] and row["verdict"] == answer["verdict"]
-        assert row["name"] == "part-1" and row["size"] == image.stat().st_size
+        assert row["name"] == name and row["size"] == image.stat().st_size
         assert row["model_sha256"] == answer["model"]["sha256"]
-        bad = httpx.post(url + "/v1/predict?name=broken", content=b"\x89PNG\r\n\x1a\nbroken")
+        bad = http.post("/v1/predict", params={"name": "broken"}, content=b"\x89PNG\r\n\x1a\nb")
         assert bad.status_code == 422  # refused at the door: not a scored part
+        until = time.monotonic() + 10
+        while keeper.record.part(answer["part"])["overlay_state"] != "written":
+            assert time.monotonic() < until
+            time.sleep(0.05)
+        (listed,) = http.get("/v1/parts").json()["parts"]
+        assert listed["name"] == name and "overlay" not in listed  # no server path
+        png = http.get(listed["overlay_url"])
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+        marked = http.put(f"/v1/parts/{answer['part']}/mark", json={"mark": "false_alarm"})
+        assert marked.status_code == 200 and marked.json()["role"] == "score"
+        assert http.get("/v1/parts", params={"mark": "false_alarm"}).json()["parts"]
+        assert http.put(f"/v1/parts/{answer['part']}/mark", json={"mark": None}).status_code == 200
+        assert http.get(f"/v1/parts/{answer['part']}").json()["current_mark"] is None
+        assert http.put("/v1/parts/999/mark", json={"mark": "defect"}).status_code == 404
+        assert http.put(f"/v1/parts/{answer['part']}/mark", json={"mark": "x"}).status_code == 422
+        assert http.get("/v1/shift").json()["counts"][answer["verdict"]] == 1
+        anonymous = httpx.put(f"{url}/v1/parts/{answer['part']}/mark", json={"mark": "defect"})
+        assert anonymous.status_code == 401
+        assert httpx.get(url + "/v1/parts").status_code == 401
     kept = Record(tmp_path / "record")
-    assert kept.part(answer["part"])["overlay_state"] == "written"  # drawn after the answer
     assert [p["verdict"] for p in kept.parts()] == [answer["verdict"]]
 
 

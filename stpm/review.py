@@ -1,0 +1,119 @@
+"""The record over HTTP (stpm-serve --record): the parts, their overlays, marks, the shift.
+
+What the line's page reads, through the service and never through a path the browser sends:
+an overlay is found by its part's id, and only inside the record folder. Reading needs the
+scoring token (if the service has one), as does marking a part: the people at the line mark,
+only an admin changes the threshold. SQLite is read on worker threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from .errors import StpmError
+from .intake import Problem, json_body
+from .record import Record
+
+parts_routes = APIRouter()
+MARKS = ("false_alarm", "defect")
+SHOWN = (
+    "id", "time", "source", "name", "size", "score", "normalized_score", "image_term",
+    "verdict", "threshold", "model_name", "model_sha256", "error", "overlay_state",
+    "current_mark",
+)  # fmt: skip
+
+
+def the_record(request: Request) -> Record:
+    kept = request.app.state.record
+    if kept is None:
+        raise Problem(404, "this service keeps no record (start stpm-serve with --record DIR)")
+    return kept
+
+
+def shown(part: dict) -> dict:
+    """A part as the page gets it: no server path, the overlay by the part's id."""
+    found = {key: part.get(key) for key in SHOWN}
+    if part.get("overlay_state") == "written":
+        found["overlay_url"] = f"/v1/parts/{part['id']}/overlay"
+    return found
+
+
+@parts_routes.get("/v1/parts", summary="Recorded parts, newest first or by score, paged")
+async def parts(
+    request: Request,
+    since: float | None = Query(None, description="from this moment (Unix seconds)"),
+    until: float | None = Query(None, description="before this moment (Unix seconds)"),
+    verdict: str | None = Query(None, pattern="^(good|anomalous|error)$"),
+    mark: str | None = Query(None, pattern="^(false_alarm|defect|none)$"),
+    order: str = Query("newest", pattern="^(newest|score)$"),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=10_000_000),
+):
+    kept = the_record(request)
+    found = await asyncio.to_thread(kept.parts, since, until, verdict, mark, order, limit, offset)
+    return {"parts": [shown(part) for part in found], "limit": limit, "offset": offset}
+
+
+@parts_routes.get("/v1/parts/{part_id}", summary="One recorded part")
+async def part(request: Request, part_id: int):
+    found = await asyncio.to_thread(the_record(request).part, part_id)
+    if found is None:
+        raise Problem(404, f"no part {part_id} in the record")
+    return shown(found)
+
+
+@parts_routes.get(
+    "/v1/parts/{part_id}/overlay",
+    summary="A recorded part's overlay (PNG)",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}},
+)
+async def overlay(request: Request, part_id: int):
+    kept = the_record(request)
+    found = await asyncio.to_thread(kept.part, part_id)
+    if found is None or found["overlay_state"] != "written":
+        state = "no such part" if found is None else f"its overlay is {found['overlay_state']}"
+        raise Problem(404, f"no overlay for part {part_id}: {state}")
+    path = (kept.folder / found["overlay"]).resolve()
+    if not path.is_relative_to(kept.folder.resolve()) or not path.is_file():
+        raise Problem(404, f"no overlay for part {part_id}")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+@parts_routes.put("/v1/parts/{part_id}/mark", summary="Mark a part, or undo its mark")
+async def mark(request: Request, part_id: int):
+    """JSON {"mark": "false_alarm" | "defect" | null, "who": "a name"}: null undoes."""
+    kept = the_record(request)
+    role = request.scope["stpm"]["role"]
+    if role is None and "score" in request.app.state.roles:
+        raise Problem(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
+    wanted = await json_body(request, request.app.state.catalog.limits)
+    value, who = wanted.get("mark"), wanted.get("who")
+    if value is not None and value not in MARKS:
+        raise Problem(422, "mark is false_alarm, defect or null (to undo)")
+    if who is not None and (not isinstance(who, str) or len(who) > 100):
+        raise Problem(422, "who is a name of at most 100 characters")
+    try:
+        return await asyncio.to_thread(kept.mark, part_id, value, role, who)
+    except StpmError as error:
+        raise Problem(404, str(error)) from None
+
+
+@parts_routes.get("/v1/shift", summary="The current shift: counts and parts per minute")
+async def shift(request: Request):
+    kept = the_record(request)
+    now = time.time()
+    start = kept.shifts.start_of(now)
+    counts = await asyncio.to_thread(kept.counts, start)
+    recent = await asyncio.to_thread(kept.counts, now - 300)
+    return JSONResponse(
+        {
+            "start": start,
+            "counts": {key: counts.get(key, 0) for key in ("good", "anomalous", "error")},
+            "per_minute": sum(recent.values()) / 5,
+        }
+    )
