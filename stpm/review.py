@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -19,6 +20,19 @@ from .intake import Problem, json_body
 from .record import Record
 
 parts_routes = APIRouter()
+PAGE = Path(__file__).with_name("page")  # the page's static files, shipped in the package
+PAGE_FILES = {"page.js": "text/javascript", "page.css": "text/css"}
+# the page's own files only: no inline script or style, no other origin, no framing
+POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 MARKS = ("false_alarm", "defect")
 SHOWN = (
     "id", "time", "source", "name", "size", "score", "normalized_score", "image_term",
@@ -103,6 +117,30 @@ async def mark(request: Request, part_id: int):
         raise Problem(404, str(error)) from None
 
 
+@parts_routes.get(
+    "/v1/models/{model}/validation", summary="The validation scores and the threshold rule"
+)
+async def validation(
+    request: Request,
+    model: str,
+    max_false_alarms: float | None = Query(
+        None, gt=0, lt=1, description="also: the threshold this share of them gives"
+    ),
+):
+    """What the threshold view draws: the defect-free validation scores, the threshold in use,
+    and for a candidate share of false alarms the threshold stpm.calibration.threshold_at
+    gives (the library's own number, not the page's)."""
+    service = request.app.state.catalog.get(model)
+    scores = service.detector.describe().validation.get("scores") or []
+    found = {"scores": [float(score) for score in scores], "threshold": service.threshold}
+    if max_false_alarms is not None:
+        try:
+            found["candidate"] = service.detector.threshold_at(max_false_alarms)
+        except StpmError as error:
+            raise Problem(422, str(error)) from None
+    return found
+
+
 @parts_routes.get("/v1/shift", summary="The current shift: counts and parts per minute")
 async def shift(request: Request):
     kept = the_record(request)
@@ -117,3 +155,16 @@ async def shift(request: Request):
             "per_minute": sum(recent.values()) / 5,
         }
     )
+
+
+@parts_routes.get("/", include_in_schema=False)
+async def page(request: Request):
+    """The line's page (it asks for the token; the files hold no data)."""
+    return FileResponse(PAGE / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+
+@parts_routes.get("/page/{name}", include_in_schema=False)
+async def page_file(request: Request, name: str):
+    if name not in PAGE_FILES:
+        raise Problem(404, "no such file")
+    return FileResponse(PAGE / name, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)

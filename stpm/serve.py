@@ -48,7 +48,12 @@ from .version import __version__
 
 log = logging.getLogger("stpm.serve")
 
-OPEN_PATHS = ("/healthz", "/readyz")  # answered without a token: a supervisor's probes
+OPEN_PATHS = ("/healthz", "/readyz", "/")  # without a token: the probes, and the page
+OPEN_PREFIXES = ("/page/",)  # the page's static files, which hold no data
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 # ----------------------------------------------------------------------------- middleware
@@ -80,7 +85,7 @@ class Guard:
             if (
                 role is None
                 and "score" in self.tokens
-                and scope["path"] not in OPEN_PATHS
+                and not is_open(scope["path"])
                 and scope["method"] != "PUT"
             ):
                 await send_problem(
