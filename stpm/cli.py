@@ -760,7 +760,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise StpmError(f"stpm-serve needs {', '.join(missing)}: pip install 'stpm[serve]'")
-    from . import serve
+    from . import alarms, serve
     from .catalog import Catalog
     from .records import AUDIT, AuditLog
     from .service import Limits
@@ -804,7 +804,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     names = ", ".join(sorted(catalog.services))
     print(f"stpm-serve: {names} on {scheme}://{args.host}:{args.port} (docs at /docs)")
     tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
-    serve.serve(catalog, args.host, args.port, token, tls, admin_token)
+    rules = alarms.Rules(args.alarm_quiet_minutes, args.alarm_run, args.alarm_drift_window)
+    serve.serve(catalog, args.host, args.port, token, tls, admin_token, rules)
     return 0
 
 
@@ -895,5 +896,16 @@ def _serve_parser() -> argparse.ArgumentParser:
         "--max-pixels", type=int, help="largest image (default: stpm.scoring.MAX_IMAGE_PIXELS)"
     )
     _add_record_arguments(parser)
+    alarm = parser.add_argument_group("alarms (with --record)")
+    alarm.add_argument(
+        "--alarm-quiet-minutes", type=float, default=5.0, help="no part for this long"
+    )
+    alarm.add_argument("--alarm-run", type=int, default=5, help="anomalous parts in a row")
+    alarm.add_argument(
+        "--alarm-drift-window",
+        type=int,
+        default=20,
+        help="parts whose mean score, outside the validation scores' range, is drift",
+    )
     _add_runtime_arguments(parser)
     return parser

@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from . import alarms
 from .errors import StpmError
 from .intake import Problem, json_body
 from .record import Record
@@ -139,6 +140,23 @@ async def validation(
         except StpmError as error:
             raise Problem(422, str(error)) from None
     return found
+
+
+@parts_routes.get("/v1/alarms", summary="The line's alarms: quiet, anomalous run, drift")
+async def line_alarms(request: Request):
+    return await asyncio.to_thread(current_alarms, request.app)
+
+
+def current_alarms(app) -> dict:
+    """The alarms now (stpm.alarms), against each served model's validation scores."""
+    if app.state.record is None:
+        return {}
+    catalog = app.state.catalog
+    validation = {
+        name: service.detector.describe().validation.get("scores") or []
+        for name, service in catalog.services.items()
+    }
+    return alarms.alarms(app.state.record, app.state.rules, validation)
 
 
 @parts_routes.get("/v1/shift", summary="The current shift: counts and parts per minute")

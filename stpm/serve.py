@@ -38,11 +38,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from . import alarms
 from .catalog import Catalog, UnknownModel
 from .errors import StpmError
 from .intake import Problem, problem_body
 from .records import NotKept
-from .review import parts_routes
+from .review import current_alarms, parts_routes
 from .routes import routes
 from .version import __version__
 
@@ -200,12 +201,13 @@ class Metrics:
         "/v1/parts/{id}/overlay",
         "/v1/parts/{id}/mark",
         "/v1/shift",
+        "/v1/alarms",
         "/metrics",
     )
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, app=None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        from prometheus_client.core import InfoMetricFamily
+        from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -232,6 +234,16 @@ class Metrics:
                 yield info
 
         self.registry.register(Models())
+
+        class Alarms:  # from the record, at each scrape: 1 while an alarm is on
+            def collect(self):
+                found = current_alarms(app) if app is not None else {}
+                gauge = GaugeMetricFamily("stpm_alarm", "Line alarms (1: on)", labels=["alarm"])
+                for name, alarm in sorted(found.items()):
+                    gauge.add_metric([name], float(alarm["active"]))
+                yield gauge
+
+        self.registry.register(Alarms())
 
 
 def problem(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -281,7 +293,12 @@ HANDLERS = {
 }
 
 
-def create_app(catalog: Catalog, token: str | None = None, admin_token: str | None = None):
+def create_app(
+    catalog: Catalog,
+    token: str | None = None,
+    admin_token: str | None = None,
+    rules: alarms.Rules | None = None,
+):
     """The service over HTTP: the FastAPI app inside Guard. token: the bearer token scoring and
     reading require (None: open); admin_token: the one changes require (None: no changes)."""
 
@@ -301,9 +318,10 @@ def create_app(catalog: Catalog, token: str | None = None, admin_token: str | No
         description="Anomaly scores, verdicts and overlays from stpm models.",
     )
     app.state.catalog = catalog
-    app.state.metrics = Metrics(catalog)
+    app.state.metrics = Metrics(catalog, app)
     app.state.admin = admin_token is not None
     app.state.record = catalog.keeper.record if catalog.keeper is not None else None
+    app.state.rules = rules or alarms.Rules()
     for kind, handler in HANDLERS.items():
         app.add_exception_handler(kind, handler)
     app.include_router(routes)
@@ -354,6 +372,7 @@ def config(
     token: str | None = None,
     tls: tuple[str, str] | None = None,
     admin_token: str | None = None,
+    rules: alarms.Rules | None = None,
 ):
     """uvicorn's configuration for the service. tls: (certificate file, key file) for HTTPS.
     uvicorn's own access log is off: Guard writes one line per request instead."""
@@ -361,7 +380,7 @@ def config(
 
     limits = catalog.limits
     return uvicorn.Config(
-        create_app(catalog, token, admin_token),
+        create_app(catalog, token, admin_token, rules),
         host=host,
         port=port,
         access_log=False,
@@ -381,6 +400,7 @@ def serve(
     token: str | None = None,
     tls: tuple[str, str] | None = None,
     admin_token: str | None = None,
+    rules: alarms.Rules | None = None,
 ) -> None:
     """Run the service until interrupted (Ctrl-C or SIGTERM); SIGHUP reads the models again."""
     if token is None:
@@ -394,7 +414,7 @@ def serve(
                 stacklevel=2,
             )
     configure_logging()
-    Server(config(catalog, host, port, token, tls, admin_token), catalog).run()
+    Server(config(catalog, host, port, token, tls, admin_token, rules), catalog).run()
 
 
 class Server:

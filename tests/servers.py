@@ -18,7 +18,7 @@ from stpm.catalog import Catalog
 
 
 @contextlib.contextmanager
-def served(catalog: Catalog, token=None, admin=None, tls=None, wait: bool = True):
+def served(catalog: Catalog, token=None, admin=None, tls=None, wait: bool = True, rules=None):
     """Serve the catalog on 127.0.0.1:<free port>; yields (url, log). wait: until every model
     is warm (or has failed to warm)."""
     log = io.StringIO()
@@ -26,7 +26,7 @@ def served(catalog: Catalog, token=None, admin=None, tls=None, wait: bool = True
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(serve.config(catalog, "127.0.0.1", port, token, tls, admin))
+    server = uvicorn.Server(serve.config(catalog, "127.0.0.1", port, token, tls, admin, rules))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"

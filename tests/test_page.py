@@ -9,7 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 
 selenium = pytest.importorskip("selenium", reason="the page's tests need selenium")
@@ -19,7 +21,8 @@ from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from stpm import STPM  # noqa: E402
+from stpm import STPM, visualize  # noqa: E402
+from stpm.alarms import Rules  # noqa: E402
 from stpm.catalog import Catalog  # noqa: E402
 from stpm.record import Keeper, Record  # noqa: E402
 from stpm.service import Limits  # noqa: E402
@@ -125,3 +128,24 @@ def test_the_page_live_review_and_threshold(browser, onnx_file, category, tmp_pa
         assert after["threshold"] == model.threshold_at(0.05)  # the next verdicts
     trail = [line["role"] for line in catalog.audit.read()] if catalog.audit else []
     assert trail == []  # this server keeps no trail; the refusal was answered 403
+
+
+def test_a_drift_alarm_shows_when_the_images_darken(browser, onnx_file, category, tmp_path):
+    keeper = Keeper(Record(tmp_path / "record"))
+    model = STPM.load(onnx_file)
+    catalog = Catalog.of_file(lambda path: model, onnx_file, Limits(), keeper=keeper)
+    images = sorted((category / "test" / "good").glob("*.png"))
+    rules = Rules(quiet_minutes=60, anomalous_run=1000, drift_window=4)
+    with served(catalog, rules=rules) as (url, _), httpx.Client(base_url=url) as http:
+        browser.get(url + "/")
+        for index in range(4):
+            http.post("/v1/predict", content=images[index % len(images)].read_bytes())
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, ".card")) == 4)
+        assert not browser.find_elements(By.CSS_SELECTOR, "#alarms .drift")
+        for index in range(4):  # the lamp goes dim
+            dark = (cv2.imread(str(images[index % len(images)])) * 0.35).astype(np.uint8)
+            http.post("/v1/predict", content=visualize.encode_png(dark[..., ::-1]))
+        alarm = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#alarms .drift"))
+        assert "Drift" in alarm[0].text
+        metrics = http.get("/metrics").text
+        assert 'stpm_alarm{alarm="drift"} 1.0' in metrics

@@ -201,3 +201,25 @@ def test_predict_records_every_file(trained, category, tmp_path):
     assert len(parts) == len(list((category / "test").rglob("*.png")))
     assert {p["source"] for p in parts} == {"predict"}
     assert {p["overlay_state"] for p in parts} == {"written"}
+
+
+def test_alarms_quiet_run_and_drift(tmp_path):
+    from stpm.alarms import Rules, alarms
+
+    kept, now = Record(tmp_path / "record"), time.time()
+    rules = Rules(quiet_minutes=5, anomalous_run=3, drift_window=3)
+    validation = {"tile": [0.1, 0.2, 0.3]}
+    assert not any(a["active"] for a in alarms(kept, rules, validation, now).values())
+    for minutes, score, verdict in (
+        (20, 0.2, "good"),
+        (19, 0.9, "anomalous"),
+        (18, 0.8, "anomalous"),
+    ):
+        kept.add({**PART, "time": now - 60 * minutes, "score": score, "verdict": verdict,
+                  "model_name": "tile"})  # fmt: skip
+    found = alarms(kept, rules, validation, now)
+    assert found["quiet"]["active"] and "18.0 min" in found["quiet"]["detail"]
+    assert not found["run"]["active"] and found["drift"]["active"]  # mean 0.63 > 0.3
+    kept.add({**PART, "time": now, "score": 0.9, "verdict": "anomalous", "model_name": "tile"})
+    found = alarms(kept, rules, validation, now)
+    assert found["run"]["active"] and not found["quiet"]["active"]

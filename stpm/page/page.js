@@ -54,10 +54,17 @@ function fixed(value) { return value === null || value === undefined ? "-" : Num
 // ------------------------------------------------------------------ live
 
 async function live() {
-  const [found, shift] = await Promise.all([
+  const [found, shift, alarms] = await Promise.all([
     (await api("/v1/parts?limit=24")).json(),
     (await api("/v1/shift")).json(),
+    (await api("/v1/alarms")).json(),
   ]);
+  const banner = $("alarms");
+  banner.replaceChildren();
+  const NAMES = { quiet: "\u26A0 No parts", run: "\u26A0 Anomalous run", drift: "\u26A0 Drift" };
+  for (const [name, alarm] of Object.entries(alarms)) {
+    if (alarm.active) banner.append(element("p", `${NAMES[name] || name}: ${alarm.detail}`, "alarm " + name));
+  }
   const counts = $("counts");
   counts.replaceChildren();
   for (const [key, label] of [["good", "good"], ["anomalous", "anomalous"], ["error", "errors"]]) {
