@@ -366,6 +366,28 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 @_friendly
+def review_main(argv: list[str] | None = None) -> int:
+    parser = _parser("stpm-review", "Serve the line's page, read-only, over a record folder.")
+    parser.add_argument("record", type=Path, help="the record folder (stpm-serve --record)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all of them)")
+    parser.add_argument("--port", type=int, default=8001, help="TCP port")
+    parser.add_argument("--token-file", type=Path, help="file holding the token to read with")
+    args = parser.parse_args(argv)
+    from . import serve
+    from .record import DATABASE, Record
+
+    if not (args.record / DATABASE).is_file():
+        raise StpmError(f"no record in {args.record} (stpm-serve --record {args.record} makes one)")
+    import uvicorn
+
+    app = serve.create_review_app(Record(args.record), serve.read_token(args.token_file))
+    print(f"stpm-review: {args.record} on http://{args.host}:{args.port}/")
+    serve.configure_logging()
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
+    return 0
+
+
+@_friendly
 def watch_main(argv: list[str] | None = None) -> int:
     args = _watch_parser().parse_args(argv)
     if importlib.util.find_spec("watchdog") is None:

@@ -9,11 +9,15 @@ only an admin changes the threshold. SQLite is read on worker threads, off the e
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
+import io
 import time
+import zipfile
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from . import alarms
 from .errors import StpmError
@@ -73,6 +77,74 @@ async def parts(
     return {"parts": [shown(part) for part in found], "limit": limit, "offset": offset}
 
 
+EXPORT_COLUMNS = ("id", "time", "name", "score", "normalized_score", "verdict", "threshold",
+                  "current_mark", "model_name", "model_sha256", "error", "size", "source")  # fmt: skip
+MAX_EXPORT = 100_000  # rows of a CSV
+MAX_ZIP = 2_000  # overlays in a ZIP
+
+
+@parts_routes.get("/v1/parts.csv", summary="The selection as CSV (same filters)")
+async def parts_csv(
+    request: Request,
+    since: float | None = None,
+    until: float | None = None,
+    verdict: str | None = Query(None, pattern="^(good|anomalous|error)$"),
+    mark: str | None = Query(None, pattern="^(false_alarm|defect|none)$"),
+    order: str = Query("newest", pattern="^(newest|score)$"),
+):
+    kept = the_record(request)
+    found = await asyncio.to_thread(kept.parts, since, until, verdict, mark, order, MAX_EXPORT, 0)
+    return Response(
+        await asyncio.to_thread(as_csv, found),
+        media_type="text/csv",
+        headers={"Content-Disposition": 'attachment; filename="parts.csv"'},
+    )
+
+
+def as_csv(found: list[dict]) -> str:
+    handle = io.StringIO()
+    writer = csv.writer(handle)
+    writer.writerow(EXPORT_COLUMNS)
+    for part in found:
+        writer.writerow(["" if part.get(key) is None else part[key] for key in EXPORT_COLUMNS])
+    return handle.getvalue()
+
+
+@parts_routes.get("/v1/parts.zip", summary="The selection's overlays as a ZIP (same filters)")
+async def parts_zip(
+    request: Request,
+    since: float | None = None,
+    until: float | None = None,
+    verdict: str | None = Query(None, pattern="^(good|anomalous|error)$"),
+    mark: str | None = Query(None, pattern="^(false_alarm|defect|none)$"),
+    order: str = Query("newest", pattern="^(newest|score)$"),
+):
+    kept = the_record(request)
+    found = await asyncio.to_thread(kept.parts, since, until, verdict, mark, order, MAX_ZIP, 0)
+    archive = await asyncio.to_thread(as_zip, kept, found)
+    return Response(
+        archive,
+        media_type="application/zip",
+        headers={"Content-Disposition": 'attachment; filename="overlays.zip"'},
+    )
+
+
+def as_zip(kept: Record, found: list[dict]) -> bytes:
+    """The written overlays of the parts (at most MAX_ZIP), named <id>-<part's name>.png, and
+    the parts' CSV; PNGs are stored as they are (already compressed)."""
+    handle = io.BytesIO()
+    with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("parts.csv", as_csv(found))
+        for part in found:
+            if part["overlay_state"] != "written":
+                continue
+            stem = Path(part["name"] or "part").stem
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80]
+            with contextlib.suppress(OSError):
+                archive.write(kept.folder / part["overlay"], f"{part['id']}-{safe}.png")
+    return handle.getvalue()
+
+
 @parts_routes.get("/v1/parts/{part_id}", summary="One recorded part")
 async def part(request: Request, part_id: int):
     found = await asyncio.to_thread(the_record(request).part, part_id)
@@ -103,6 +175,8 @@ async def overlay(request: Request, part_id: int):
 async def mark(request: Request, part_id: int):
     """JSON {"mark": "false_alarm" | "defect" | null, "who": "a name"}: null undoes."""
     kept = the_record(request)
+    if request.app.state.read_only:
+        raise Problem(403, "stpm-review is read-only: mark parts through stpm-serve")
     role = request.scope["stpm"]["role"]
     if role is None and "score" in request.app.state.roles:
         raise Problem(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})

@@ -319,7 +319,7 @@ def create_app(
     )
     app.state.catalog = catalog
     app.state.metrics = Metrics(catalog, app)
-    app.state.admin = admin_token is not None
+    app.state.admin, app.state.read_only = admin_token is not None, False
     app.state.record = catalog.keeper.record if catalog.keeper is not None else None
     app.state.rules = rules or alarms.Rules()
     for kind, handler in HANDLERS.items():
@@ -329,6 +329,22 @@ def create_app(
     tokens = {"score": token, "admin": admin_token}
     app.state.roles = {role for role, value in tokens.items() if value}
     return Guard(app, {role: value for role, value in tokens.items() if value}, app.state.metrics)
+
+
+def create_review_app(record, token: str | None = None):
+    """stpm-review: the page over a record folder, read-only: no model to score with, no marks,
+    no changes. record: a stpm.record.Record."""
+    catalog = Catalog(load=None)
+    app = FastAPI(title="stpm-review", version=__version__, description="A record, read-only.")
+    app.state.catalog, app.state.record, app.state.rules = catalog, record, alarms.Rules()
+    app.state.admin, app.state.read_only = False, True
+    app.state.metrics = Metrics(catalog, app)
+    app.state.roles = {"score"} if token else set()
+    for kind, handler in HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+    app.include_router(routes)
+    app.include_router(parts_routes)
+    return Guard(app, {"score": token} if token else {}, app.state.metrics)
 
 
 def report_failures(catalog: Catalog) -> None:

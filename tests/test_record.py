@@ -3,12 +3,14 @@ writers, a kill at any moment, retention, shifts, and who writes it (service, st
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import signal
 import sqlite3
 import threading
 import time
+import zipfile
 from datetime import datetime
 
 import httpx
@@ -182,6 +184,11 @@ def test_the_service_commits_the_row_before_it_answers(onnx_file, category, tmp_
         assert http.put("/v1/parts/999/mark", json={"mark": "defect"}).status_code == 404
         assert http.put(f"/v1/parts/{answer['part']}/mark", json={"mark": "x"}).status_code == 422
         assert http.get("/v1/shift").json()["counts"][answer["verdict"]] == 1
+        table = http.get("/v1/parts.csv").text.splitlines()
+        assert table[0].startswith("id,time,name") and len(table) == 2
+        archive = zipfile.ZipFile(io.BytesIO(http.get("/v1/parts.zip").content))
+        assert sorted(archive.namelist())[1] == "parts.csv"
+        assert archive.namelist()[1].startswith(f"{answer['part']}-_img_src_x")
         anonymous = httpx.put(f"{url}/v1/parts/{answer['part']}/mark", json={"mark": "defect"})
         assert anonymous.status_code == 401
         assert httpx.get(url + "/v1/parts").status_code == 401

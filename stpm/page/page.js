@@ -133,6 +133,19 @@ async function review() {
   $("page").textContent = `parts ${state.offset + 1}-${state.offset + state.rows.length}`;
 }
 
+async function exportParts(kind) {
+  const query = filters();
+  query.delete("limit");
+  query.delete("offset");
+  const blob = await (await api(`/v1/parts.${kind}?${query}`)).blob();
+  const link = element("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = kind === "csv" ? "parts.csv" : "overlays.zip";
+  document.body.append(link);
+  link.click();
+  link.remove();
+}
+
 async function markPart(part, mark) {
   await api(`/v1/parts/${part.id}/mark`, {
     method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ mark }),
@@ -158,6 +171,7 @@ function reviewKeys(event) {
 
 async function threshold() {
   if (!state.model) state.model = Object.keys(await (await api("/v1/models")).json())[0];
+  if (!state.model) { say("the threshold view needs the service (stpm-serve), not stpm-review"); return; }
   const share = Number($("share").value);
   const base = `/v1/models/${encodeURIComponent(state.model)}/validation`;
   const [validation, recorded, defects, alarms] = await Promise.all([
@@ -248,6 +262,9 @@ $("next").addEventListener("click", () => { if (state.rows.length === PAGE) { st
 let pending = null;
 $("share").addEventListener("input", () => { clearTimeout(pending); pending = setTimeout(refresh, 150); });
 $("apply").addEventListener("submit", apply);
+for (const kind of ["csv", "zip"]) {
+  $("export-" + kind).addEventListener("click", () => exportParts(kind).catch((e) => say(e.message)));
+}
 $("close").addEventListener("click", () => $("detail").close());
 document.addEventListener("keydown", reviewKeys);
 setInterval(() => { if (current === "live" && !$("detail").open) refresh(); }, 1000);
