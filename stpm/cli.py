@@ -455,7 +455,13 @@ def _add_record_arguments(parser: argparse.ArgumentParser, required: bool = Fals
     )
     group.add_argument("--keep-days", type=float, help="drop parts older than this")
     group.add_argument(
-        "--keep-images", type=int, metavar="N", help="keep the overlays of the newest N parts"
+        "--keep-images",
+        type=int,
+        metavar="N",
+        help="keep the overlays (and originals) of the newest N parts",
+    )
+    group.add_argument(
+        "--keep-originals", action="store_true", help="keep each image as received, too"
     )
 
 
@@ -469,7 +475,7 @@ def _keeper(args: argparse.Namespace):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise StpmError(f"--{name.replace('_', '-')} must be 0 or more")
     record = Record(args.record, Shifts.parse(args.shifts))
-    return Keeper(record, args.keep_days, args.keep_images)
+    return Keeper(record, args.keep_days, args.keep_images, keep_originals=args.keep_originals)
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

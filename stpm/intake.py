@@ -18,14 +18,6 @@ from . import batching, scoring
 from .errors import ImageTooLarge, StpmError
 from .service import Job, Limits, Service
 
-# what the first bytes of a file say it is: the types stpm.scoring decodes
-SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"\xff\xd8\xff": "JPEG",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-}
 MAX_NAME = 255
 # bodies taken as the image itself; the last is what curl --data-binary sends unless told
 RAW_TYPES = ("", "application/octet-stream", "application/x-www-form-urlencoded")
@@ -44,12 +36,10 @@ class Problem(Exception):
 
 def image_type(encoded: bytes) -> str:
     """The image type from the file's first bytes; Problem 415 for anything else."""
-    for signature, kind in SIGNATURES.items():
-        if encoded.startswith(signature):
-            return kind
-    if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP":
-        return "WebP"
-    raise Problem(415, "the body is not a PNG, JPEG, BMP, TIFF or WebP image")
+    kind = scoring.image_kind(encoded)
+    if kind is None:
+        raise Problem(415, "the body is not a PNG, JPEG, BMP, TIFF or WebP image")
+    return kind
 
 
 async def read_body(request, limits: Limits) -> bytes:

@@ -207,7 +207,7 @@ class _Rows:
         except (OSError, TypeError):
             data = None
         part = record.part_from("predict", str(source), data, self.model, prediction, error)
-        self.keeper.keep(part, None if overlay is None else overlay.read_bytes)
+        self.keeper.keep(part, None if overlay is None else overlay.read_bytes, data)
 
     def close(self) -> list[dict]:
         """Wait for every row; the rows written, in order."""

@@ -24,11 +24,13 @@ from datetime import datetime, timedelta
 from datetime import time as clock
 from pathlib import Path
 
+from . import scoring
 from .errors import StpmError
 from .files import atomic_write
 
 DATABASE = "record.sqlite"
 OVERLAYS = "overlays"  # <record>/overlays/<YYYY-MM-DD>/<id>.png
+IMAGES = "images"  # <record>/images/<YYYY-MM-DD>/<id>.<suffix>, with Keeper(keep_originals=True)
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph"}
 NETWORK_FILESYSTEMS |= {"glusterfs", "lustre", "fuse.sshfs", "fuse.rclone", "davfs", "fuse.s3fs"}
 SCHEMA = """
@@ -50,7 +52,8 @@ CREATE TABLE IF NOT EXISTS parts (
     model TEXT,                     -- the model's identity, JSON
     error TEXT,
     overlay TEXT,                   -- its file, relative to the record folder
-    overlay_state TEXT NOT NULL     -- none, pending, written, missing or removed
+    overlay_state TEXT NOT NULL,    -- none, pending, written, missing or removed
+    image TEXT                      -- the image as received, if kept (relative)
 );
 CREATE INDEX IF NOT EXISTS parts_by_time ON parts (time);
 CREATE INDEX IF NOT EXISTS parts_by_verdict ON parts (verdict, time);
@@ -150,6 +153,9 @@ class Record:
             raise StpmError(f"the record in {folder} cannot use WAL (journal mode {mode})")
         with self._lock:
             self._writer.executescript(SCHEMA)
+            columns = {row[1] for row in self._writer.execute("PRAGMA table_info(parts)")}
+            if "image" not in columns:  # a record from before images could be kept
+                self._writer.execute("ALTER TABLE parts ADD COLUMN image TEXT")
         self._recover()
 
     def _connect(self) -> sqlite3.Connection:
@@ -230,6 +236,17 @@ class Record:
             return
         self.set_overlay_state(part_id, "written")
 
+    def write_image(self, part_id: int, data: bytes) -> None:
+        """The image as received, kept beside its overlay (written atomically)."""
+        kind = scoring.image_kind(data)
+        found = self._reader().execute("SELECT time FROM parts WHERE id = ?", (part_id,))
+        day = datetime.fromtimestamp(found.fetchone()[0]).strftime("%Y-%m-%d")
+        relative = f"{IMAGES}/{day}/{part_id}{scoring.SUFFIXES.get(kind, '.bin')}"
+        with contextlib.suppress(OSError):
+            atomic_write(self.folder / relative, lambda path: Path(path).write_bytes(data))
+            with self._lock:
+                self._writer.execute("UPDATE parts SET image = ? WHERE id = ?", (relative, part_id))
+
     def set_overlay_state(self, part_id: int, state: str) -> None:
         with self._lock:
             self._writer.execute(
@@ -260,7 +277,7 @@ class Record:
         reader = self._reader()
         if keep_images is not None:
             doomed += reader.execute(
-                "SELECT id, overlay FROM parts WHERE overlay_state = 'written' AND shift < ? "
+                "SELECT id, overlay, image FROM parts WHERE overlay_state = 'written' AND shift < ? "
                 "AND id NOT IN (SELECT id FROM parts WHERE overlay_state = 'written' "
                 "ORDER BY id DESC LIMIT ?)",
                 (current, keep_images),
@@ -269,15 +286,16 @@ class Record:
         if keep_days is not None:
             cutoff = min(now - keep_days * 86400, current)
             old = reader.execute(
-                "SELECT id, overlay FROM parts WHERE time < ?", (cutoff,)
+                "SELECT id, overlay, image FROM parts WHERE time < ?", (cutoff,)
             ).fetchall()
         for row in {r["id"]: r for r in doomed + old}.values():
-            if row["overlay"]:
-                with contextlib.suppress(OSError):
-                    os.remove(self.folder / row["overlay"])
+            for relative in (row["overlay"], row["image"]):
+                if relative:
+                    with contextlib.suppress(OSError):
+                        os.remove(self.folder / relative)
         with self._lock, self._transaction():
             self._writer.executemany(
-                "UPDATE parts SET overlay_state = 'removed' WHERE id = ?",
+                "UPDATE parts SET overlay_state = 'removed', image = NULL WHERE id = ?",
                 [(r["id"],) for r in doomed],
             )
             self._writer.executemany("DELETE FROM parts WHERE id = ?", [(r["id"],) for r in old])
@@ -391,21 +409,26 @@ class Keeper:
         keep_images: int | None = None,
         backlog: int = 64,
         clean_every: float = 600.0,
+        keep_originals: bool = False,
     ) -> None:
         self.record, self.keep_days, self.keep_images = record, keep_days, keep_images
+        self.keep_originals = keep_originals  # the images as received, beside the overlays
         self.clean_every, self._cleaned = clean_every, 0.0
         self._waiting: queue.Queue = queue.Queue(backlog)
         self._thread = threading.Thread(target=self._draw, name="stpm-overlays", daemon=True)
         self._thread.start()
 
-    def keep(self, part: dict, draw: Callable[[], bytes] | None = None) -> int:
-        """Commit the part; draw() makes its overlay PNG later (None: no overlay)."""
+    def keep(self, part: dict, draw: Callable[[], bytes] | None = None, image=None) -> int:
+        """Commit the part; draw() makes its overlay PNG later (None: no overlay); image: the
+        bytes as received, kept too with keep_originals."""
         part_id = self.record.add(part, overlay=draw is not None)
-        if draw is not None:
+        image = image if self.keep_originals else None
+        if draw is not None or image is not None:
             try:
-                self._waiting.put_nowait((part_id, draw))
+                self._waiting.put_nowait((part_id, draw, image))
             except queue.Full:
-                self.record.set_overlay_state(part_id, "missing")
+                if draw is not None:
+                    self.record.set_overlay_state(part_id, "missing")
         return part_id
 
     def _draw(self) -> None:
@@ -417,9 +440,12 @@ class Keeper:
             if item is None:
                 return
             if item:
-                part_id, draw = item
+                part_id, draw, image = item
+                if image is not None:
+                    self.record.write_image(part_id, image)
                 try:
-                    self.record.write_overlay(part_id, draw())
+                    if draw is not None:
+                        self.record.write_overlay(part_id, draw())
                 except Exception:  # one bad drawing loses that overlay, not the thread
                     self.record.set_overlay_state(part_id, "missing")
             if time.monotonic() - self._cleaned > self.clean_every:

@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from . import alarms
+from . import alarms, scoring
 from .errors import StpmError
 from .intake import Problem, json_body
 from .record import Record
@@ -58,6 +58,8 @@ def shown(part: dict) -> dict:
     found = {key: part.get(key) for key in SHOWN}
     if part.get("overlay_state") == "written":
         found["overlay_url"] = f"/v1/parts/{part['id']}/overlay"
+    if part.get("image"):
+        found["image_url"] = f"/v1/parts/{part['id']}/image"
     return found
 
 
@@ -160,15 +162,35 @@ async def part(request: Request, part_id: int):
     responses={200: {"content": {"image/png": {}}}},
 )
 async def overlay(request: Request, part_id: int):
+    found, path = await part_file(request, part_id, "overlay")
+    if found["overlay_state"] != "written":
+        raise Problem(404, f"no overlay for part {part_id}: it is {found['overlay_state']}")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+@parts_routes.get(
+    "/v1/parts/{part_id}/image",
+    summary="A recorded part's image as received (with --keep-originals)",
+    response_class=FileResponse,
+)
+async def image(request: Request, part_id: int):
+    _, path = await part_file(request, part_id, "image")
+    kind = scoring.image_kind(path.read_bytes()[:16]) or "octet-stream"
+    media = {"JPEG": "image/jpeg", "WebP": "image/webp"}.get(kind, f"image/{kind.lower()}")
+    return FileResponse(path, media_type=media, headers={"Cache-Control": "max-age=86400"})
+
+
+async def part_file(request: Request, part_id: int, column: str):
+    """The part and one of its files (overlay or image), found by the part's id and only
+    inside the record folder; Problem 404 otherwise."""
     kept = the_record(request)
     found = await asyncio.to_thread(kept.part, part_id)
-    if found is None or found["overlay_state"] != "written":
-        state = "no such part" if found is None else f"its overlay is {found['overlay_state']}"
-        raise Problem(404, f"no overlay for part {part_id}: {state}")
-    path = (kept.folder / found["overlay"]).resolve()
+    if found is None or not found[column]:
+        raise Problem(404, f"no {column} for part {part_id}")
+    path = (kept.folder / found[column]).resolve()
     if not path.is_relative_to(kept.folder.resolve()) or not path.is_file():
-        raise Problem(404, f"no overlay for part {part_id}")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+        raise Problem(404, f"no {column} for part {part_id}")
+    return found, path
 
 
 @parts_routes.put("/v1/parts/{part_id}/mark", summary="Mark a part, or undo its mark")

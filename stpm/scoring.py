@@ -75,6 +75,27 @@ class Prediction:
 # ----------------------------------------------------------------------------- decoding
 
 
+# what the first bytes of a file say it is: the types decode_image reads
+SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WebP": ".webp"}
+
+
+def image_kind(encoded: bytes) -> str | None:
+    """PNG, JPEG, BMP, TIFF or WebP from a file's first bytes; None for anything else."""
+    for signature, kind in SIGNATURES.items():
+        if encoded.startswith(signature):
+            return kind
+    if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to RGB uint8 (H, W, 3); grayscale, 16-bit and RGBA are converted."""
     path = Path(path)

@@ -202,8 +202,8 @@ class Service:
             "service", job.name, job.encoded, self.identity, prediction, job.error
         )
         if prediction is None:
-            return self.keeper.keep(part)
-        return self.keeper.keep(part, lambda: png or overlay_png(prediction))
+            return self.keeper.keep(part, image=job.encoded)
+        return self.keeper.keep(part, lambda: png or overlay_png(prediction), job.encoded)
 
     def threshold_for(self, threshold: float | None, max_false_alarms: float | None) -> float:
         """The raw threshold a request asks for, or the service's."""

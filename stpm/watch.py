@@ -160,7 +160,7 @@ class Watcher:
             prediction = None if error else outcome
             part = record.part_from("watcher", path.name, data, self.model, prediction, error)
             draw = None if prediction is None else (lambda p=prediction: overlay_png(p))
-            self.keeper.keep(part, draw)
+            self.keeper.keep(part, draw, data)
             self._place(path, part["verdict"], part.get("error"))
             self.seen.pop(path.name, None)
 

@@ -64,7 +64,7 @@ def wait(browser, check, seconds: float = 10):
 
 
 def test_the_page_live_review_and_threshold(browser, onnx_file, category, tmp_path):
-    keeper = Keeper(Record(tmp_path / "record"))
+    keeper = Keeper(Record(tmp_path / "record"), keep_originals=True)
     model = STPM.load(onnx_file)
     catalog = Catalog.of_file(lambda path: model, onnx_file, Limits(), keeper=keeper)
     images = sorted((category / "test").rglob("*.png"))
@@ -97,7 +97,12 @@ def test_the_page_live_review_and_threshold(browser, onnx_file, category, tmp_pa
         browser.find_elements(By.CSS_SELECTOR, ".card")[0].click()
         detail = browser.find_element(By.ID, "detail-image")
         wait(browser, lambda: browser.execute_script("return arguments[0].naturalWidth", detail))
-        assert detail.get_attribute("src").startswith("blob:")
+        overlay_src = detail.get_attribute("src")
+        assert overlay_src.startswith("blob:")
+        browser.find_element(By.ID, "heatmap").click()  # the image as received
+        wait(browser, lambda: detail.get_attribute("src") not in (overlay_src, None))
+        wait(browser, lambda: browser.execute_script("return arguments[0].naturalWidth", detail))
+        assert browser.find_element(By.ID, "heatmap").text.startswith("heatmap off")
         browser.find_element(By.ID, "close").click()
 
         browser.find_element(By.ID, "tab-review").click()

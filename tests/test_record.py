@@ -153,7 +153,7 @@ def test_retention_keeps_the_current_shift(tmp_path):
 def test_the_service_commits_the_row_before_it_answers(onnx_file, category, tmp_path):
     from .servers import served
 
-    keeper = Keeper(Record(tmp_path / "record"))
+    keeper = Keeper(Record(tmp_path / "record"), keep_originals=True)
     model = STPM.load(onnx_file)
     catalog = Catalog.of_file(lambda path: model, onnx_file, Limits(), keeper=keeper)
     image = sorted((category / "test").rglob("*.png"))[0]
@@ -176,6 +176,9 @@ def test_the_service_commits_the_row_before_it_answers(onnx_file, category, tmp_
         assert listed["name"] == name and "overlay" not in listed  # no server path
         png = http.get(listed["overlay_url"])
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+        original = http.get(listed["image_url"])  # kept as received
+        assert original.content == image.read_bytes()
+        assert original.headers["content-type"] == "image/png"
         marked = http.put(f"/v1/parts/{answer['part']}/mark", json={"mark": "false_alarm"})
         assert marked.status_code == 200 and marked.json()["role"] == "score"
         assert http.get("/v1/parts", params={"mark": "false_alarm"}).json()["parts"]

@@ -39,9 +39,19 @@ async function overlayInto(img, part) {
   img.src = state.thumbs.get(part.id);
 }
 
+async function imageInto(img, part) {
+  const blob = await (await api(part.image_url)).blob();
+  img.src = URL.createObjectURL(blob);
+}
+
 function openPart(part) {
   const img = $("detail-image");
   img.removeAttribute("src");
+  state.open = part;
+  const toggle = $("heatmap");
+  toggle.hidden = !part.image_url;  // the image as received, only where the record keeps it
+  toggle.setAttribute("aria-pressed", "true");
+  toggle.textContent = "heatmap on (h)";
   overlayInto(img, part).catch((error) => say(error.message));
   $("detail-text").textContent =
     `${part.name || "(no name)"}: ${VERDICT[part.verdict] || part.verdict}, score ` +
@@ -266,6 +276,16 @@ for (const kind of ["csv", "zip"]) {
   $("export-" + kind).addEventListener("click", () => exportParts(kind).catch((e) => say(e.message)));
 }
 $("close").addEventListener("click", () => $("detail").close());
+function toggleHeatmap() {
+  const toggle = $("heatmap"), part = state.open;
+  if (!part || !part.image_url) return;
+  const on = toggle.getAttribute("aria-pressed") !== "true";
+  toggle.setAttribute("aria-pressed", String(on));
+  toggle.textContent = on ? "heatmap on (h)" : "heatmap off (h)";
+  (on ? overlayInto($("detail-image"), part) : imageInto($("detail-image"), part)).catch((e) => say(e.message));
+}
+$("heatmap").addEventListener("click", toggleHeatmap);
+document.addEventListener("keydown", (event) => { if ($("detail").open && event.key === "h") toggleHeatmap(); });
 document.addEventListener("keydown", reviewKeys);
 setInterval(() => { if (current === "live" && !$("detail").open) refresh(); }, 1000);
 show("live");
