@@ -475,6 +475,72 @@ def write_swaps(results: dict, out: Path, command: str) -> None:
     report.write_text(text + "\n".join(lines))
 
 
+def run_record(args: argparse.Namespace, work: Path) -> dict:
+    """The record at the service's top rate: 4 clients against the defaults (FP32 ONNX
+    Runtime), with --record and without, in alternating rounds; the row's own time from the
+    server's log (timings_ms.record: built and committed, before the answer)."""
+    paths = benchkit.spread_subset(
+        sorted(args.images.rglob("*.jpg")) + sorted(args.images.rglob("*.png")), args.count
+    )
+    files, script = work / "images.txt", work / "post.lua"
+    files.write_text("\n".join(str(path) for path in paths) + "\n")
+    script.write_text(LUA)
+    rounds: dict[str, list] = {"without": [], "with": []}
+    record_ms: list[float] = []
+    for round_number in range(2):
+        for label in ("without", "with"):
+            flags = ["--record", str(work / f"record-{round_number}")] if label == "with" else []
+            with Server(args.model, work / "server.log", *flags) as server:
+                load(server, 4, 3, files, script)  # warm
+                skip = len(server.log_lines())
+                cell = load(server, 4, args.seconds, files, script)
+                rows = [r for r in server.log_lines()[skip:] if r.get("status") == 200]
+                record_ms += [r["record"] for r in rows if "record" in r]
+                rounds[label].append({"rps": cell["rps"], "p50": cell["p50"], "p99": cell["p99"]})
+                print("record", label, _short(cell), flush=True)
+    return {
+        "cpu": benchkit.cpu_info(),
+        "rounds": rounds,
+        "record_ms": {
+            "count": len(record_ms),
+            "median": statistics.median(record_ms),
+            "p99": float(np.percentile(record_ms, 99)),
+        },
+    }
+
+
+def write_record(results: dict, out: Path, command: str) -> None:
+    """The service-rate section of record.md (replacing an earlier one)."""
+    heading = "## At the service's top rate"
+    found = results["record_ms"]
+    rows = [
+        [label, f"{r['rps']:.1f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}"]
+        for label, runs in results["rounds"].items()
+        for r in runs
+    ]
+    lines = [
+        heading,
+        "",
+        f"Measured in a run of its own (`{command}`), CPU: {benchkit.cpu_line(results['cpu'])}.",
+        "",
+        "4 clients (wrk) against stpm-serve's defaults (FP32 ONNX Runtime), without and with "
+        "`--record`, in alternating rounds (requests/s, p50 and p99 in ms as wrk saw them):",
+        "",
+        *benchkit.markdown_table(["record", "req/s", "p50", "p99"], rows),
+        "",
+        f"The row's own time in the server (built and committed, before the answer), over "
+        f"{found['count']} parts: median {found['median']:.3f} ms, p99 {found['p99']:.3f} ms "
+        f"(target under 1 ms median: {'met' if found['median'] < 1 else '**missed**'}). The "
+        "overlay is drawn and written afterwards on the record's own thread; it shares the two "
+        "cores with the model.",
+        "",
+    ]
+    report = out / "record.md"
+    text = report.read_text() if report.exists() else ""
+    text = text.split(heading)[0].rstrip() + "\n\n" if text else ""
+    report.write_text(text + "\n".join(lines))
+
+
 def _short(cell: dict) -> str:
     return (
         f"{cell['rps']:.1f} req/s p50 {cell['p50']:.1f} p95 {cell['p95']:.1f} p99 {cell['p99']:.1f} "
@@ -625,7 +691,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=benchkit.SCRIPTS / "results")
     parser.add_argument(
         "--part",
-        choices=("load", "swap"),
+        choices=("load", "swap", "record"),
         default="load",
         help="load: the load runs (serve.md's table); swap: the swap-under-load run and the "
         "memory per model (serve.md's last section)",
@@ -633,6 +699,12 @@ def main() -> None:
     parser.add_argument("--swap-seconds", type=float, default=40, help="the swap run's length")
     args = parser.parse_args()
     command = "python scripts/load_test.py " + " ".join(sys.argv[1:])
+    if args.part == "record":
+        with tempfile.TemporaryDirectory(dir=Path.home()) as work:
+            results = run_record(args, Path(work))
+        write_record(results, args.results, command)
+        print((args.results / "record.md").read_text().split("## At the service")[1])
+        return
     if args.part == "swap":
         with tempfile.TemporaryDirectory() as work:
             results = run_swaps(args, Path(work))

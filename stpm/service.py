@@ -188,9 +188,11 @@ class Service:
             ]
         if job.overlay:
             answer["png"] = overlay_png(prediction)
+        started = time.perf_counter()
         part = self._keep(job, prediction, answer.get("png"))
         if part is not None:
             answer["part"] = part  # its id in the record
+            job.timings["record"] = (time.perf_counter() - started) * 1000
         return answer
 
     def _keep(self, job: Job, prediction=None, png: bytes | None = None) -> int | None:
