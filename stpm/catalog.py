@@ -24,7 +24,7 @@ from typing import Any
 from .errors import StpmError
 from .files import atomic_write
 from .records import SERVING, THRESHOLDS, AuditLog, Thresholds, now, read_json, write_json
-from .service import Limits, Service, file_sha256
+from .service import Limits, Service, file_sha256, model_name
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model's name, as it appears in URLs
 UPLOADS = "uploads"  # where a model file sent over HTTP is kept, in its model's folder
@@ -395,9 +395,3 @@ def said(error: Exception, path: Path) -> str:
     for where in (str(path.resolve().parent), str(path.parent)):
         text = text.replace(where + "/", "").replace(where, "its folder")
     return text
-
-
-def model_name(text: str) -> str:
-    """A name fit for URLs made from a folder's name."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:64]
-    return name or "model"

@@ -372,15 +372,17 @@ def review_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all of them)")
     parser.add_argument("--port", type=int, default=8001, help="TCP port")
     parser.add_argument("--token-file", type=Path, help="file holding the token to read with")
+    parser.add_argument(
+        "--shifts", metavar="HH:MM,...", help="shift start times (default: calendar days)"
+    )
     args = parser.parse_args(argv)
-    from . import serve
-    from .record import DATABASE, Record
-
-    if not (args.record / DATABASE).is_file():
-        raise StpmError(f"no record in {args.record} (stpm-serve --record {args.record} makes one)")
     import uvicorn
 
-    app = serve.create_review_app(Record(args.record), serve.read_token(args.token_file))
+    from . import serve
+    from .record import Record, Shifts
+
+    kept = Record(args.record, Shifts.parse(args.shifts), read_only=True)
+    app = serve.create_review_app(kept, serve.read_token(args.token_file))
     print(f"stpm-review: {args.record} on http://{args.host}:{args.port}/")
     serve.configure_logging()
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
@@ -392,7 +394,7 @@ def watch_main(argv: list[str] | None = None) -> int:
     args = _watch_parser().parse_args(argv)
     if importlib.util.find_spec("watchdog") is None:
         raise StpmError("stpm-watch needs watchdog: pip install 'stpm[watch]'")
-    from .service import model_identity
+    from .service import named_identity
     from .watch import Watcher
 
     if not args.inbox.is_dir():
@@ -401,7 +403,7 @@ def watch_main(argv: list[str] | None = None) -> int:
         raise StpmError("--settle must be above 0 and --batch-size at least 1")
     keeper = _keeper(args)
     detector, path = _load(args)
-    identity = {"name": path.resolve().parent.name, **model_identity(detector, path)}
+    identity = named_identity(detector, path)
     watcher = Watcher(
         args.inbox, detector, keeper, identity, args.settle, args.batch_size, args.poll
     )
@@ -832,6 +834,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     names = ", ".join(sorted(catalog.services))
     print(f"stpm-serve: {names} on {scheme}://{args.host}:{args.port} (docs at /docs)")
     tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
+    if args.alarm_quiet_minutes <= 0 or args.alarm_run < 1 or args.alarm_drift_window < 1:
+        raise StpmError(
+            "--alarm-quiet-minutes must be above 0, --alarm-run and --alarm-drift-window at least 1"
+        )
     rules = alarms.Rules(args.alarm_quiet_minutes, args.alarm_run, args.alarm_drift_window)
     serve.serve(catalog, args.host, args.port, token, tls, admin_token, rules)
     return 0

@@ -241,9 +241,9 @@ def _identity(detector) -> dict:
     path = getattr(detector.runtime_, "path", None)
     if path is None or not Path(path).is_file():
         return {}
-    from .service import model_identity
+    from .service import named_identity
 
-    return {"name": Path(path).resolve().parent.name, **model_identity(detector, Path(path))}
+    return named_identity(detector, Path(path))
 
 
 def _write_npy(path: str, array: np.ndarray) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -28,6 +29,7 @@ from . import scoring
 from .errors import StpmError
 from .files import atomic_write
 
+log = logging.getLogger("stpm.record")
 DATABASE = "record.sqlite"
 OVERLAYS = "overlays"  # <record>/overlays/<YYYY-MM-DD>/<id>.png
 IMAGES = "images"  # <record>/images/<YYYY-MM-DD>/<id>.<suffix>, with Keeper(keep_originals=True)
@@ -139,14 +141,23 @@ class Record:
     """The record folder: the database, the overlays. Thread-safe: writes go through one
     connection under a lock; each reading thread gets its own connection."""
 
-    def __init__(self, folder: str | Path, shifts: Shifts | None = None) -> None:
-        self.folder, self.shifts = Path(folder), shifts or Shifts()
+    def __init__(
+        self, folder: str | Path, shifts: Shifts | None = None, read_only: bool = False
+    ) -> None:
+        """read_only: only read an existing record (stpm-review; a copy, a share or another
+        user's files are fine), never change it."""
+        self.folder, self.shifts, self.read_only = Path(folder), shifts or Shifts(), read_only
+        self._lock, self._local = threading.Lock(), threading.local()
+        if read_only:
+            if not (self.folder / DATABASE).is_file():
+                raise StpmError(f"no record in {folder} (stpm-serve --record makes one)")
+            self._writer = self._connect()
+            return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StpmError(f"cannot make the record folder {folder}: {error.strerror}") from None
         check_local(self.folder)
-        self._lock, self._local = threading.Lock(), threading.local()
         self._writer = self._connect()
         mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
@@ -156,17 +167,20 @@ class Record:
             columns = {row[1] for row in self._writer.execute("PRAGMA table_info(parts)")}
             if "image" not in columns:  # a record from before images could be kept
                 self._writer.execute("ALTER TABLE parts ADD COLUMN image TEXT")
-        self._recover()
+        self.recover()
 
     def _connect(self) -> sqlite3.Connection:
+        where = (self.folder / DATABASE).resolve()
+        target = f"file:{where}?mode=ro" if self.read_only else str(where)
         try:
             connection = sqlite3.connect(
-                self.folder / DATABASE, timeout=30, check_same_thread=False, isolation_level=None
+                target, timeout=30, check_same_thread=False, isolation_level=None, uri=True
             )
+            if not self.read_only:
+                connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as error:
             raise StpmError(f"cannot open the record in {self.folder}: {error}") from None
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA foreign_keys=ON")
         connection.row_factory = sqlite3.Row
         return connection
 
@@ -175,12 +189,16 @@ class Record:
             self._local.connection = self._connect()
         return self._local.connection
 
-    def _recover(self) -> None:
+    def recover(self, grace: float = 120.0) -> None:
         """Overlays a crash left pending: written if the file is there (written atomically),
-        else missing."""
+        else missing. Only those older than grace seconds: another process (a service, a
+        torchrun rank) may be writing the newer ones now."""
         pending = (
             self._reader()
-            .execute("SELECT id, overlay FROM parts WHERE overlay_state = 'pending'")
+            .execute(
+                "SELECT id, overlay FROM parts WHERE overlay_state = 'pending' AND time < ?",
+                (time.time() - grace,),
+            )
             .fetchall()
         )
         for row in pending:
@@ -240,7 +258,10 @@ class Record:
         """The image as received, kept beside its overlay (written atomically)."""
         kind = scoring.image_kind(data)
         found = self._reader().execute("SELECT time FROM parts WHERE id = ?", (part_id,))
-        day = datetime.fromtimestamp(found.fetchone()[0]).strftime("%Y-%m-%d")
+        row = found.fetchone()
+        if row is None:  # removed meanwhile
+            return
+        day = datetime.fromtimestamp(row[0]).strftime("%Y-%m-%d")
         relative = f"{IMAGES}/{day}/{part_id}{scoring.SUFFIXES.get(kind, '.bin')}"
         with contextlib.suppress(OSError):
             atomic_write(self.folder / relative, lambda path: Path(path).write_bytes(data))
@@ -275,30 +296,37 @@ class Record:
         current = self.shifts.start_of(now)
         doomed: list[sqlite3.Row] = []
         reader = self._reader()
-        if keep_images is not None:
+        if keep_images is not None:  # files kept: an overlay written, or the image itself
+            kept = "(overlay_state = 'written' OR image IS NOT NULL)"
             doomed += reader.execute(
-                "SELECT id, overlay, image FROM parts WHERE overlay_state = 'written' AND shift < ? "
-                "AND id NOT IN (SELECT id FROM parts WHERE overlay_state = 'written' "
-                "ORDER BY id DESC LIMIT ?)",
+                f"SELECT id, overlay, overlay_state, image FROM parts WHERE {kept} AND shift < ? "
+                f"AND id NOT IN (SELECT id FROM parts WHERE {kept} ORDER BY id DESC LIMIT ?)",
                 (current, keep_images),
             ).fetchall()
         old: list[sqlite3.Row] = []
         if keep_days is not None:
             cutoff = min(now - keep_days * 86400, current)
             old = reader.execute(
-                "SELECT id, overlay, image FROM parts WHERE time < ?", (cutoff,)
+                "SELECT id, overlay, overlay_state, image FROM parts WHERE time < ?", (cutoff,)
             ).fetchall()
         for row in {r["id"]: r for r in doomed + old}.values():
-            for relative in (row["overlay"], row["image"]):
+            for relative in (
+                row["overlay"] if row["overlay_state"] == "written" else None,
+                row["image"],
+            ):
                 if relative:
                     with contextlib.suppress(OSError):
                         os.remove(self.folder / relative)
-        with self._lock, self._transaction():
-            self._writer.executemany(
-                "UPDATE parts SET overlay_state = 'removed', image = NULL WHERE id = ?",
-                [(r["id"],) for r in doomed],
-            )
-            self._writer.executemany("DELETE FROM parts WHERE id = ?", [(r["id"],) for r in old])
+        for start in range(0, max(len(doomed), len(old)), 500):  # the writers wait a moment only
+            with self._lock, self._transaction():
+                self._writer.executemany(
+                    "UPDATE parts SET image = NULL, overlay_state = CASE overlay_state "
+                    "WHEN 'written' THEN 'removed' ELSE overlay_state END WHERE id = ?",
+                    [(r["id"],) for r in doomed[start : start + 500]],
+                )
+                self._writer.executemany(
+                    "DELETE FROM parts WHERE id = ?", [(r["id"],) for r in old[start : start + 500]]
+                )
         return len(old), len(doomed)
 
     # ------------------------------------------------------------------ reading
@@ -349,7 +377,8 @@ class Record:
         return {row["verdict"]: row["n"] for row in rows}
 
     def seen(self, name: str, size: int, sha256: str) -> dict | None:
-        """The part recorded for this file (name, size and hash), if any: exactly once."""
+        """The part the watcher recorded for this file (name, size and hash), if any: what
+        makes the watcher's results exactly once."""
         row = (
             self._reader()
             .execute(
@@ -439,22 +468,33 @@ class Keeper:
                 item = ()
             if item is None:
                 return
-            if item:
-                part_id, draw, image = item
-                if image is not None:
-                    self.record.write_image(part_id, image)
-                try:
-                    if draw is not None:
-                        self.record.write_overlay(part_id, draw())
-                except Exception:  # one bad drawing loses that overlay, not the thread
-                    self.record.set_overlay_state(part_id, "missing")
-            if time.monotonic() - self._cleaned > self.clean_every:
-                self._cleaned = time.monotonic()
-                if self.keep_days is not None or self.keep_images is not None:
-                    self.record.clean(self.keep_days, self.keep_images)
+            try:  # one failure (a drawing, a full disk, a locked database) loses one item
+                if item:
+                    self._write(*item)
+                if time.monotonic() - self._cleaned > self.clean_every:
+                    self._cleaned = time.monotonic()
+                    if self.keep_days is not None or self.keep_images is not None:
+                        self.record.clean(self.keep_days, self.keep_images)
+            except Exception:
+                log.exception("the record could not keep a part's files")
+
+    def _write(self, part_id: int, draw, image) -> None:
+        if image is not None:
+            self.record.write_image(part_id, image)
+        if draw is None:
+            return
+        try:
+            png = draw()
+        except Exception:
+            self.record.set_overlay_state(part_id, "missing")
+            raise
+        self.record.write_overlay(part_id, png)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write what waits, then stop."""
-        self._waiting.put(None)
-        self._thread.join(timeout)
-        self.record.close()
+        """Write what waits (for at most timeout s), then stop."""
+        if self._thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._waiting.put(None, timeout=timeout)
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.record.close()

@@ -12,12 +12,16 @@ import asyncio
 import contextlib
 import csv
 import io
+import os
+import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as FastPath
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.background import BackgroundTask
 
 from . import alarms, scoring
 from .errors import StpmError
@@ -63,19 +67,30 @@ def shown(part: dict) -> dict:
     return found
 
 
-@parts_routes.get("/v1/parts", summary="Recorded parts, newest first or by score, paged")
-async def parts(
-    request: Request,
+def selection(
     since: float | None = Query(None, description="from this moment (Unix seconds)"),
     until: float | None = Query(None, description="before this moment (Unix seconds)"),
     verdict: str | None = Query(None, pattern="^(good|anomalous|error)$"),
     mark: str | None = Query(None, pattern="^(false_alarm|defect|none)$"),
     order: str = Query("newest", pattern="^(newest|score)$"),
+) -> dict:
+    """The review's filters, as Record.parts takes them."""
+    return {"since": since, "until": until, "verdict": verdict, "mark": mark, "order": order}
+
+
+SELECTION = Depends(selection)
+PART_ID = FastPath(ge=1, le=2**63 - 1, description="the part's id in the record")
+
+
+@parts_routes.get("/v1/parts", summary="Recorded parts, newest first or by score, paged")
+async def parts(
+    request: Request,
+    chosen: dict = SELECTION,
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0, le=10_000_000),
 ):
     kept = the_record(request)
-    found = await asyncio.to_thread(kept.parts, since, until, verdict, mark, order, limit, offset)
+    found = await asyncio.to_thread(lambda: kept.parts(**chosen, limit=limit, offset=offset))
     return {"parts": [shown(part) for part in found], "limit": limit, "offset": offset}
 
 
@@ -86,16 +101,9 @@ MAX_ZIP = 2_000  # overlays in a ZIP
 
 
 @parts_routes.get("/v1/parts.csv", summary="The selection as CSV (same filters)")
-async def parts_csv(
-    request: Request,
-    since: float | None = None,
-    until: float | None = None,
-    verdict: str | None = Query(None, pattern="^(good|anomalous|error)$"),
-    mark: str | None = Query(None, pattern="^(false_alarm|defect|none)$"),
-    order: str = Query("newest", pattern="^(newest|score)$"),
-):
+async def parts_csv(request: Request, chosen: dict = SELECTION):
     kept = the_record(request)
-    found = await asyncio.to_thread(kept.parts, since, until, verdict, mark, order, MAX_EXPORT, 0)
+    found = await asyncio.to_thread(lambda: kept.parts(**chosen, limit=MAX_EXPORT))
     return Response(
         await asyncio.to_thread(as_csv, found),
         media_type="text/csv",
@@ -104,38 +112,40 @@ async def parts_csv(
 
 
 def as_csv(found: list[dict]) -> str:
+    """The parts as CSV; a text cell a spreadsheet would take for a formula is quoted with '."""
     handle = io.StringIO()
     writer = csv.writer(handle)
     writer.writerow(EXPORT_COLUMNS)
     for part in found:
-        writer.writerow(["" if part.get(key) is None else part[key] for key in EXPORT_COLUMNS])
+        cells = ["" if part.get(key) is None else part[key] for key in EXPORT_COLUMNS]
+        writer.writerow(
+            "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA) else cell
+            for cell in cells
+        )
     return handle.getvalue()
 
 
+FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
 @parts_routes.get("/v1/parts.zip", summary="The selection's overlays as a ZIP (same filters)")
-async def parts_zip(
-    request: Request,
-    since: float | None = None,
-    until: float | None = None,
-    verdict: str | None = Query(None, pattern="^(good|anomalous|error)$"),
-    mark: str | None = Query(None, pattern="^(false_alarm|defect|none)$"),
-    order: str = Query("newest", pattern="^(newest|score)$"),
-):
+async def parts_zip(request: Request, chosen: dict = SELECTION):
     kept = the_record(request)
-    found = await asyncio.to_thread(kept.parts, since, until, verdict, mark, order, MAX_ZIP, 0)
+    found = await asyncio.to_thread(lambda: kept.parts(**chosen, limit=MAX_ZIP))
     archive = await asyncio.to_thread(as_zip, kept, found)
-    return Response(
+    return FileResponse(
         archive,
         media_type="application/zip",
-        headers={"Content-Disposition": 'attachment; filename="overlays.zip"'},
+        filename="overlays.zip",
+        background=BackgroundTask(os.remove, archive),
     )
 
 
-def as_zip(kept: Record, found: list[dict]) -> bytes:
-    """The written overlays of the parts (at most MAX_ZIP), named <id>-<part's name>.png, and
-    the parts' CSV; PNGs are stored as they are (already compressed)."""
-    handle = io.BytesIO()
-    with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+def as_zip(kept: Record, found: list[dict]) -> str:
+    """A temporary ZIP file (the caller removes it) of the parts' written overlays (at most
+    MAX_ZIP), named <id>-<part's name>.png, and their CSV; PNGs stored as they are."""
+    handle, path = tempfile.mkstemp(prefix="stpm-overlays-", suffix=".zip")
+    with os.fdopen(handle, "wb") as file, zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("parts.csv", as_csv(found))
         for part in found:
             if part["overlay_state"] != "written":
@@ -144,11 +154,11 @@ def as_zip(kept: Record, found: list[dict]) -> bytes:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80]
             with contextlib.suppress(OSError):
                 archive.write(kept.folder / part["overlay"], f"{part['id']}-{safe}.png")
-    return handle.getvalue()
+    return path
 
 
 @parts_routes.get("/v1/parts/{part_id}", summary="One recorded part")
-async def part(request: Request, part_id: int):
+async def part(request: Request, part_id: int = PART_ID):
     found = await asyncio.to_thread(the_record(request).part, part_id)
     if found is None:
         raise Problem(404, f"no part {part_id} in the record")
@@ -161,7 +171,7 @@ async def part(request: Request, part_id: int):
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}}},
 )
-async def overlay(request: Request, part_id: int):
+async def overlay(request: Request, part_id: int = PART_ID):
     found, path = await part_file(request, part_id, "overlay")
     if found["overlay_state"] != "written":
         raise Problem(404, f"no overlay for part {part_id}: it is {found['overlay_state']}")
@@ -173,11 +183,19 @@ async def overlay(request: Request, part_id: int):
     summary="A recorded part's image as received (with --keep-originals)",
     response_class=FileResponse,
 )
-async def image(request: Request, part_id: int):
+async def image(request: Request, part_id: int = PART_ID):
     _, path = await part_file(request, part_id, "image")
-    kind = scoring.image_kind(path.read_bytes()[:16]) or "octet-stream"
-    media = {"JPEG": "image/jpeg", "WebP": "image/webp"}.get(kind, f"image/{kind.lower()}")
-    return FileResponse(path, media_type=media, headers={"Cache-Control": "max-age=86400"})
+    kind = scoring.image_kind(await asyncio.to_thread(first_bytes, path))
+    media = {"JPEG": "image/jpeg", "WebP": "image/webp"}.get(kind, f"image/{(kind or '').lower()}")
+    headers = {"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"}
+    return FileResponse(
+        path, media_type=media if kind else "application/octet-stream", headers=headers
+    )
+
+
+def first_bytes(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(16)
 
 
 async def part_file(request: Request, part_id: int, column: str):
@@ -194,7 +212,7 @@ async def part_file(request: Request, part_id: int, column: str):
 
 
 @parts_routes.put("/v1/parts/{part_id}/mark", summary="Mark a part, or undo its mark")
-async def mark(request: Request, part_id: int):
+async def mark(request: Request, part_id: int = PART_ID):
     """JSON {"mark": "false_alarm" | "defect" | null, "who": "a name"}: null undoes."""
     kept = the_record(request)
     if request.app.state.read_only:

@@ -199,6 +199,9 @@ class Metrics:
         "/v1/parts",
         "/v1/parts/{id}",
         "/v1/parts/{id}/overlay",
+        "/v1/parts/{id}/image",
+        "/v1/parts.csv",
+        "/v1/parts.zip",
         "/v1/parts/{id}/mark",
         "/v1/shift",
         "/v1/alarms",
@@ -237,7 +240,11 @@ class Metrics:
 
         class Alarms:  # from the record, at each scrape: 1 while an alarm is on
             def collect(self):
-                found = current_alarms(app) if app is not None else {}
+                try:
+                    found = current_alarms(app) if app is not None else {}
+                except Exception:  # a busy record must not break the scrape
+                    log.exception("cannot read the alarms")
+                    found = {}
                 gauge = GaugeMetricFamily("stpm_alarm", "Line alarms (1: on)", labels=["alarm"])
                 for name, alarm in sorted(found.items()):
                     gauge.add_metric([name], float(alarm["active"]))

@@ -8,8 +8,10 @@ against its own threshold and its answer (and overlay PNG) built there, off the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -140,7 +142,8 @@ class Service:
         results = []
         for job in jobs:
             if job.error is not None:
-                self._keep(job)
+                with contextlib.suppress(Exception):  # the record's trouble is not the part's
+                    self._keep(job)
                 results.append(job.error)
                 continue
             job.timings["model"] = model_ms
@@ -283,6 +286,18 @@ def model_identity(detector, path: Path) -> dict:
         "precision": "int8" if runtime.description.int8 else getattr(runtime, "precision", "f32"),
         "stpm_version": __version__,
     }
+
+
+def model_name(text: str) -> str:
+    """A name fit for URLs made from a folder's name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:64]
+    return name or "model"
+
+
+def named_identity(detector, path: Path) -> dict:
+    """The identity of a model served or run from its file: named after its folder, as the
+    service names it (what the record and the drift alarm go by)."""
+    return {"name": model_name(path.resolve().parent.name), **model_identity(detector, path)}
 
 
 def file_sha256(path: Path) -> str:

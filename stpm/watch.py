@@ -140,7 +140,8 @@ class Watcher:
         files, fresh = [], []
         for path in paths:
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as handle:
+                    data, identity = handle.read(), same_file(os.fstat(handle.fileno()))
             except OSError as error:  # gone, or not ours to read: it goes on
                 if path.exists():
                     self._place(path, "error", f"cannot read it: {error.strerror}")
@@ -148,30 +149,42 @@ class Watcher:
             digest = hashlib.sha256(data).hexdigest()
             earlier = self.keeper.record.seen(path.name, len(data), digest)
             if earlier is not None:  # scored before a crash, not moved yet: only move it
-                self._place(path, earlier["verdict"], earlier.get("error"))
+                self._place(path, earlier["verdict"], earlier.get("error"), identity)
                 continue
-            files.append((path, data))
+            files.append((path, data, identity))
             fresh.append(data)
         if not files:
             return
         outcomes = self.detector.predict_iter(fresh, batch_size=len(fresh), keep_images=True)
-        for (path, data), (_, outcome) in zip(files, outcomes, strict=True):
+        for (path, data, identity), (_, outcome) in zip(files, outcomes, strict=True):
             error = outcome if isinstance(outcome, Exception) else None
             prediction = None if error else outcome
             part = record.part_from("watcher", path.name, data, self.model, prediction, error)
             draw = None if prediction is None else (lambda p=prediction: overlay_png(p))
             self.keeper.keep(part, draw, data)
-            self._place(path, part["verdict"], part.get("error"))
+            self._place(path, part["verdict"], part.get("error"), identity)
             self.seen.pop(path.name, None)
 
-    def _place(self, path: Path, verdict: str, reason: str | None) -> Path | None:
+    def _place(self, path: Path, verdict: str, reason: str | None, identity=None) -> Path | None:
         """Move the file into its verdict's folder under a name no other file has there; an
-        error's reason is written beside it."""
+        error's reason is written beside it. identity: the file as it was read; a file
+        replaced or rewritten since stays in the inbox, to be scored as the new file it is."""
+        if identity is not None:
+            try:
+                if same_file(os.stat(path)) != identity:
+                    return None
+            except OSError:
+                return None
         target = unique_move(path, self.inbox / verdict)
         if target is not None and verdict == "error" and reason:
             with contextlib.suppress(OSError):
                 target.with_name(target.name + ".reason.txt").write_text(reason + "\n")
         return target
+
+
+def same_file(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file from another at a path: device, inode, size, modification time."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def unique_move(path: Path, folder: Path) -> Path | None:

@@ -122,7 +122,8 @@ def test_a_kill_during_writes_loses_no_committed_part(tmp_path):
         process.join(10)
     database = sqlite3.connect(folder / record.DATABASE)
     assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    kept = Record(folder)  # opens cleanly; pending overlays are settled
+    kept = Record(folder)  # opens cleanly
+    kept.recover(grace=0)  # the overlays left pending settled (no writer is alive now)
     parts = kept.parts(limit=100_000)
     assert len(parts) > 100
     states = {part["overlay_state"] for part in parts}
@@ -186,6 +187,7 @@ def test_the_service_commits_the_row_before_it_answers(onnx_file, category, tmp_
         assert http.get(f"/v1/parts/{answer['part']}").json()["current_mark"] is None
         assert http.put("/v1/parts/999/mark", json={"mark": "defect"}).status_code == 404
         assert http.put(f"/v1/parts/{answer['part']}/mark", json={"mark": "x"}).status_code == 422
+        assert http.get(f"/v1/parts/{2**70}").status_code == 422
         assert http.get("/v1/shift").json()["counts"][answer["verdict"]] == 1
         table = http.get("/v1/parts.csv").text.splitlines()
         assert table[0].startswith("id,time,name") and len(table) == 2
@@ -233,3 +235,31 @@ def test_alarms_quiet_run_and_drift(tmp_path):
     kept.add({**PART, "time": now, "score": 0.9, "verdict": "anomalous", "model_name": "tile"})
     found = alarms(kept, rules, validation, now)
     assert found["run"]["active"] and not found["quiet"]["active"]
+
+
+def test_the_keeper_survives_failures_and_closes(tmp_path):
+    keeper = Keeper(Record(tmp_path / "record"), keep_originals=True)
+
+    def broken() -> bytes:
+        raise RuntimeError("no memory for this overlay")
+
+    first = keeper.keep(PART, broken, b"\x89PNG\r\n\x1a\n")
+    keeper.record.add(PART)
+    gone = keeper.keep(PART, lambda: b"png")
+    with keeper.record._lock:  # its row removed before its files are written
+        keeper.record._writer.execute("DELETE FROM parts WHERE id = ?", (gone,))
+    last = keeper.keep(PART, lambda: b"png")
+    started = time.monotonic()
+    keeper.close()
+    assert time.monotonic() - started < 10
+    kept = Record(tmp_path / "record")
+    assert kept.part(first)["overlay_state"] == "missing"
+    assert kept.part(first)["image"].startswith("images/")
+    assert kept.part(last)["overlay_state"] == "written"  # the thread went on
+
+
+def test_exports_quote_formulas_and_ids_are_bounded(tmp_path):
+    from stpm.review import as_csv
+
+    table = as_csv([{**PART, "id": 1, "name": "=HYPERLINK(1)"}])
+    assert "'=HYPERLINK(1)" in table

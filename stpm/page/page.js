@@ -41,7 +41,18 @@ async function overlayInto(img, part) {
 
 async function imageInto(img, part) {
   const blob = await (await api(part.image_url)).blob();
-  img.src = URL.createObjectURL(blob);
+  if (state.original) URL.revokeObjectURL(state.original);
+  state.original = URL.createObjectURL(blob);
+  img.src = state.original;
+}
+
+function forgetThumbs(keep) {  // a page left open all shift must not grow: only what is shown
+  for (const [id, url] of state.thumbs) {
+    if (!keep.has(id) && !(state.open && state.open.id === id)) {
+      URL.revokeObjectURL(url);
+      state.thumbs.delete(id);
+    }
+  }
 }
 
 function openPart(part) {
@@ -83,6 +94,7 @@ async function live() {
     counts.append(item);
   }
   counts.append(element("span", `${shift.per_minute.toFixed(1)} parts/min`));
+  forgetThumbs(new Set(found.parts.map((part) => part.id)));
   const grid = $("parts");
   grid.replaceChildren();
   for (const part of found.parts) {
@@ -115,6 +127,7 @@ function filters() {
 async function review() {
   const found = await (await api("/v1/parts?" + filters())).json();
   state.rows = found.parts;
+  forgetThumbs(new Set(found.parts.map((part) => part.id)));
   state.selected = Math.min(state.selected, Math.max(0, state.rows.length - 1));
   const body = $("table").tBodies[0];
   body.replaceChildren();
@@ -154,6 +167,7 @@ async function exportParts(kind) {
   document.body.append(link);
   link.click();
   link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
 
 async function markPart(part, mark) {
