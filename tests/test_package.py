@@ -1,6 +1,8 @@
-"""The wheel, not the working tree: built, installed without -e into a folder of its own, and
-stpm-review run from it serves the page (its files are package data an editable install would
-hide the lack of) over a record, read-only."""
+"""The wheel, not the working tree: built, installed without -e into a fresh virtual environment,
+and stpm-review run from there serves the page (its files are package data an editable install
+would hide the lack of) over a record, read-only. The environment borrows the test run's
+third-party packages through PYTHONPATH (a site folder on PYTHONPATH runs no .pth file, so the
+editable stpm stays out); only stpm is installed into it."""
 
 from __future__ import annotations
 
@@ -30,9 +32,15 @@ def test_the_wheel_serves_the_page(tmp_path, request):
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("stpm-*.whl")
+    fresh = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True)
+    python = str(fresh / "bin" / "python")
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-         str(tmp_path / "site"), str(wheel)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
@@ -42,8 +50,9 @@ def test_the_wheel_serves_the_page(tmp_path, request):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    environment = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    command = [sys.executable, "-c", REVIEW, str(tmp_path / "record"), "--port", str(port)]
+    borrowed = [p for p in sys.path if p.endswith("site-packages")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(borrowed)}
+    command = [python, "-c", REVIEW, str(tmp_path / "record"), "--port", str(port)]
     server = subprocess.Popen(
         command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -65,7 +74,7 @@ def test_the_wheel_serves_the_page(tmp_path, request):
     finally:
         server.terminate()
         output = server.communicate(timeout=30)[0].decode()
-    assert str(tmp_path / "site") in subprocess.run(
-        [sys.executable, "-c", "import stpm; print(stpm.__file__)"],
+    assert site in subprocess.run(
+        [python, "-c", "import stpm; print(stpm.__file__)"],
         env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=60,
     ).stdout, output  # fmt: skip
