@@ -125,6 +125,16 @@ def test_the_page_live_review_and_threshold(browser, onnx_file, category, tmp_pa
         expected = f"{model.threshold_at(0.05):.4f}"
         wait(browser, lambda: browser.find_element(By.ID, "candidate").text == expected)
         screenshot(browser, "threshold", tmp_path)
+        for width, height in ((1366, 768), (800, 1280)):  # the line's monitor, a tablet
+            browser.set_window_size(width, height)
+            for view in ("live", "review", "threshold"):
+                browser.find_element(By.ID, f"tab-{view}").click()
+                wide = browser.execute_script(
+                    "return document.documentElement.scrollWidth - window.innerWidth"
+                )
+                assert wide <= 0, (view, width, wide)  # nothing off the side
+        browser.set_window_size(1366, 768)
+        browser.find_element(By.ID, "tab-threshold").click()
         for token, said in ((TOKEN, "not applied: 403"), (ADMIN, f"threshold {expected} applied")):
             browser.find_element(By.ID, "admin-token").send_keys(token)
             browser.find_element(By.CSS_SELECTOR, "#apply button").click()
