@@ -96,7 +96,7 @@ async def admin(request: Request, action: str, model: str | None) -> dict:
     who = {"role": scope["stpm"]["role"], "client": (scope.get("client") or ("",))[0]}
     if who["role"] == "admin":
         return who
-    if not request.app.state.admin:
+    if "admin" not in request.app.state.roles:
         detail = "this service has no admin token: nothing can be changed (--admin-token-file)"
     else:
         detail = "this change needs the admin token"

@@ -324,34 +324,31 @@ def create_app(
         lifespan=lifespan,
         description="Anomaly scores, verdicts and overlays from stpm models.",
     )
-    app.state.catalog = catalog
-    app.state.metrics = Metrics(catalog, app)
-    app.state.admin, app.state.read_only = admin_token is not None, False
-    app.state.record = catalog.keeper.record if catalog.keeper is not None else None
-    app.state.rules = rules or alarms.Rules()
-    for kind, handler in HANDLERS.items():
-        app.add_exception_handler(kind, handler)
-    app.include_router(routes)
-    app.include_router(parts_routes)
+    record = catalog.keeper.record if catalog.keeper is not None else None
     tokens = {"score": token, "admin": admin_token}
-    app.state.roles = {role for role, value in tokens.items() if value}
-    return Guard(app, {role: value for role, value in tokens.items() if value}, app.state.metrics)
+    return assembled(app, catalog, record, tokens, rules, read_only=False)
 
 
 def create_review_app(record, token: str | None = None):
     """stpm-review: the page over a record folder, read-only: no model to score with, no marks,
     no changes. record: a stpm.record.Record."""
-    catalog = Catalog(load=None)
     app = FastAPI(title="stpm-review", version=__version__, description="A record, read-only.")
-    app.state.catalog, app.state.record, app.state.rules = catalog, record, alarms.Rules()
-    app.state.admin, app.state.read_only = False, True
+    return assembled(app, Catalog(load=None), record, {"score": token}, None, read_only=True)
+
+
+def assembled(app, catalog: Catalog, record, tokens: dict, rules, read_only: bool) -> Guard:
+    """What stpm-serve's and stpm-review's apps share: their state, the error handlers, the
+    routes, and Guard around it all. tokens: {role: token or None}."""
+    tokens = {role: value for role, value in tokens.items() if value}
+    app.state.catalog, app.state.record = catalog, record
+    app.state.rules, app.state.read_only = rules or alarms.Rules(), read_only
+    app.state.roles = set(tokens)  # the roles this app knows a token for
     app.state.metrics = Metrics(catalog, app)
-    app.state.roles = {"score"} if token else set()
     for kind, handler in HANDLERS.items():
         app.add_exception_handler(kind, handler)
     app.include_router(routes)
     app.include_router(parts_routes)
-    return Guard(app, {"score": token} if token else {}, app.state.metrics)
+    return Guard(app, tokens, app.state.metrics)
 
 
 def report_failures(catalog: Catalog) -> None:
