@@ -122,9 +122,13 @@ class Catalog:
 
     def open(self, name: str, path: Path) -> Service:
         """A Service for the file (not warm yet), with the threshold set by hand for it."""
-        record = Thresholds(self.homes[name] / THRESHOLDS).get(file_sha256(path))
         service = Service(self.load(path), path, self.limits, name, self.batcher, self.keeper)
         service.draining = self.draining
+        try:  # by the SHA-256 the Service's identity took: the file is read once for it
+            record = Thresholds(self.homes[name] / THRESHOLDS).get(service.identity["sha256"])
+        except StpmError:  # a damaged thresholds file: its worker threads must not linger
+            service.close()
+            raise
         if record is not None:
             service.take_threshold(record)
         return service
