@@ -1,4 +1,5 @@
-"""Real servers for the service's tests: uvicorn on an ephemeral loopback port, in a thread.
+"""Real servers for the service's tests: uvicorn on an ephemeral loopback port, in a thread,
+and what tests of stpm-serve, stpm-review and stpm-watch processes share.
 
 Each stops itself at the end of its `with`; every wait is bounded.
 """
@@ -11,6 +12,7 @@ import socket
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from stpm import serve
@@ -49,3 +51,31 @@ def served(catalog: Catalog, token=None, admin=None, tls=None, wait: bool = True
         thread.join(15)
         sock.close()
         assert not thread.is_alive(), "the server did not stop"
+
+
+SERVE = "from stpm.cli import serve_main; raise SystemExit(serve_main())"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def until(check, seconds: float = 60, every: float = 0.1) -> bool:
+    """Poll check() until it is true (False after seconds); connection errors count as no."""
+    limit = time.monotonic() + seconds
+    while time.monotonic() < limit:
+        with contextlib.suppress(httpx.HTTPError):
+            if check():
+                return True
+        time.sleep(every)
+    return False
+
+
+def stopped(process) -> None:
+    """A process a test started is gone at its end, whatever happened (killed if need be)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()

@@ -4,11 +4,9 @@ persist, roles and the audit trail (issue 29). Servers stop by themselves (tests
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +27,7 @@ from stpm.errors import StpmError  # noqa: E402
 from stpm.records import AuditLog  # noqa: E402
 from stpm.service import Limits, file_sha256  # noqa: E402
 
-from .servers import served  # noqa: E402
+from .servers import SERVE, free_port, served, stopped, until  # noqa: E402
 
 TOKEN, ADMIN = "the-scoring-token-0123", "the-admin-token-456789"
 SCORER, ADMINISTRATOR = (
@@ -276,12 +274,9 @@ def test_changes_need_the_admin_token_and_are_audited(folder, second_onnx, image
 
 
 def test_sighup_reads_the_folder_again(folder, second_onnx, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
-    code = "from stpm.cli import serve_main; raise SystemExit(serve_main())"
-    command = [sys.executable, "-c", code, "--models", str(folder), "--model-file", "model.onnx"]
+    command = [sys.executable, "-c", SERVE, "--models", str(folder), "--model-file", "model.onnx"]
     server = subprocess.Popen(
         [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log.open("w")
     )
@@ -297,9 +292,7 @@ def test_sighup_reads_the_folder_again(folder, second_onnx, tmp_path):
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        stopped(server)
     trail = (folder / "audit.jsonl").read_text().splitlines()
     actions = [(e["action"], e["model"], e["role"]) for e in map(json.loads, trail)]
     assert sorted(actions) == [
@@ -307,14 +300,3 @@ def test_sighup_reads_the_folder_again(folder, second_onnx, tmp_path):
         ("remove", "b", "signal"),
         ("swap", "a", "signal"),
     ]
-
-
-def until(check, seconds: float = 60) -> bool:
-    """Poll check() until it is true (False after seconds); connection errors count as no."""
-    limit = time.monotonic() + seconds
-    while time.monotonic() < limit:
-        with contextlib.suppress(httpx.HTTPError):
-            if check():
-                return True
-        time.sleep(0.1)
-    return False

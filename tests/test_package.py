@@ -6,12 +6,9 @@ editable stpm stays out); only stpm is installed into it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -19,6 +16,8 @@ import pytest
 pytest.importorskip("fastapi")
 
 from stpm.record import Record  # noqa: E402
+
+from .servers import free_port, until  # noqa: E402
 
 REVIEW = "from stpm.cli import review_main; raise SystemExit(review_main())"
 
@@ -47,9 +46,7 @@ def test_the_wheel_serves_the_page(tmp_path, request):
     kept = Record(tmp_path / "record")
     part = kept.add({"source": "predict", "name": "a.png", "score": 0.5, "verdict": "good"})
     kept.close()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     borrowed = [p for p in sys.path if p.endswith("site-packages")]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(borrowed)}
     command = [python, "-c", REVIEW, str(tmp_path / "record"), "--port", str(port)]
@@ -58,12 +55,7 @@ def test_the_wheel_serves_the_page(tmp_path, request):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        until = time.monotonic() + 60
-        while time.monotonic() < until:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/page/page.js", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
+        until(lambda: httpx.get(url + "/page/page.js", timeout=1).status_code == 200)
         page = httpx.get(url + "/")
         assert page.status_code == 200 and "page.js" in page.text
         assert "default-src 'none'" in page.headers["content-security-policy"]

@@ -35,7 +35,7 @@ from stpm.catalog import Catalog  # noqa: E402
 from stpm.client import Client, ServiceError  # noqa: E402
 from stpm.service import Limits, Service  # noqa: E402
 
-from .servers import served  # noqa: E402
+from .servers import SERVE, free_port, served, stopped, until  # noqa: E402
 
 TOKEN = "a-test-token-of-some-length"
 ADMIN = "the-admin-token-of-some-length"
@@ -418,20 +418,12 @@ def test_cli_refuses_bad_settings(onnx_file, tmp_path):
 
 
 def test_sigterm_under_load_answers_every_accepted_request(onnx_file, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
-    code = "from stpm.cli import serve_main; raise SystemExit(serve_main())"
-    command = [sys.executable, "-c", code, str(onnx_file), "--port", str(port)]
+    command = [sys.executable, "-c", SERVE, str(onnx_file), "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
-        until = time.monotonic() + 60
-        while time.monotonic() < until:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
+        until(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200)
         body, stop, answers, refused = make_png(), threading.Event(), [], []
 
         def client() -> None:
@@ -453,9 +445,7 @@ def test_sigterm_under_load_answers_every_accepted_request(onnx_file, tmp_path):
         for thread in threads:
             thread.join(15)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        stopped(server)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     handled = [line["status"] for line in lines if line.get("path") == "/v1/predict"]
     assert answers and set(answers) <= {200, 503}, set(answers)

@@ -23,6 +23,8 @@ from stpm import visualize  # noqa: E402
 from stpm.record import Record  # noqa: E402
 from stpm.watch import unique_move  # noqa: E402
 
+from .servers import stopped, until  # noqa: E402
+
 WATCH = "from stpm.cli import watch_main; raise SystemExit(watch_main())"
 
 
@@ -83,15 +85,11 @@ def test_every_file_once_across_two_kills(onnx_file, category, tmp_path):
             watcher.wait(10)
             watcher = start(inbox, record, onnx_file, log)
         dropper.join(120)
-        until = time.monotonic() + 120
-        while time.monotonic() < until and any(p.is_file() for p in inbox.iterdir()):
-            time.sleep(0.2)
+        until(lambda: not any(p.is_file() for p in inbox.iterdir()), seconds=120, every=0.2)
         watcher.send_signal(signal.SIGTERM)
         assert watcher.wait(30) == 0
     finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
+        stopped(watcher)
     assert len(dropped) == 300
     assert not [p for p in inbox.iterdir() if p.is_file()], "files left in the inbox"
     parts = Record(record).parts(limit=10_000)
