@@ -4,7 +4,7 @@ A swap loads the new file beside the old model, warms it and scores a probe imag
 a finite score) before it takes the old one's place in one step; requests already holding the
 old model (reading their body, queued, in a worker's hands) finish on it, and only then is it
 closed. A file that fails any of this leaves the old model serving. A threshold set by hand is
-written beside the model (stpm.records) before it takes effect, and a swap in a folder of
+written beside the model (stpm.changes) before it takes effect, and a swap in a folder of
 models is kept there too (serving.json), so a restart serves what was swapped in. Every change
 and every refused attempt goes to the audit trail, with the role of the token that asked.
 
@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from .changes import SERVING, THRESHOLDS, AuditLog, Thresholds, now, read_json, write_json
 from .errors import StpmError
 from .files import atomic_write
-from .records import SERVING, THRESHOLDS, AuditLog, Thresholds, now, read_json, write_json
 from .service import Limits, Service, file_sha256, model_name
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model's name, as it appears in URLs
@@ -271,7 +271,7 @@ class Catalog:
         self, name: str, threshold, max_false_alarms, who: dict, note: str | None = None
     ) -> dict:
         """Judge name's model by a new threshold from now on, kept beside it first (a write
-        that fails changes nothing: records.NotKept). Returns the record: value, rule, who,
+        that fails changes nothing: changes.NotKept). Returns the record: value, rule, who,
         when. Audited, whether made or refused."""
         async with self.lock:  # not while a swap replaces the model
             service = self.get(name)

@@ -792,7 +792,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         raise StpmError(f"stpm-serve needs {', '.join(missing)}: pip install 'stpm[serve]'")
     from . import alarms, serve
     from .catalog import Catalog
-    from .records import AUDIT, AuditLog
+    from .changes import AUDIT, AuditLog
     from .service import Limits
 
     _check_serve_arguments(args)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from . import records
+from . import changes
 from .catalog import Catalog
 from .errors import StpmError
 from .service import Limits
@@ -67,7 +67,7 @@ class Scorer:
         self.settings = Settings(**settings)
         s = self.settings
         limits = Limits(max_batch=s.max_batch, max_wait=s.max_wait_ms / 1000)
-        audit = records.AuditLog(s.audit_log or Path(s.models) / records.AUDIT)
+        audit = changes.AuditLog(s.audit_log or Path(s.models) / changes.AUDIT)
         self.catalog = Catalog.of_folder(
             self.load, Path(s.models), limits, audit, s.model_file, batcher=ray_batcher
         )

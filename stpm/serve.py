@@ -40,9 +40,9 @@ from starlette.exceptions import HTTPException
 
 from . import alarms
 from .catalog import Catalog, UnknownModel
+from .changes import NotKept
 from .errors import StpmError
 from .intake import Problem, problem_body
-from .records import NotKept
 from .review import current_alarms, parts_routes
 from .routes import routes
 from .version import __version__

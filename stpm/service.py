@@ -229,7 +229,7 @@ class Service:
         return self.threshold
 
     def take_threshold(self, record: dict) -> None:
-        """Judge by a threshold set by hand (a stpm.records record: value, rule, who, when)."""
+        """Judge by a threshold set by hand (a stpm.changes record: value, rule, who, when)."""
         self.threshold, self.threshold_set = float(record["threshold"]), record
 
     def describe(self) -> dict:

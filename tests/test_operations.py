@@ -22,9 +22,9 @@ import httpx  # noqa: E402
 
 from stpm import STPM  # noqa: E402
 from stpm.catalog import Catalog  # noqa: E402
+from stpm.changes import AuditLog  # noqa: E402
 from stpm.client import Client, ServiceError  # noqa: E402
 from stpm.errors import StpmError  # noqa: E402
-from stpm.records import AuditLog  # noqa: E402
 from stpm.service import Limits, file_sha256  # noqa: E402
 
 from .servers import SERVE, free_port, served, stopped, until  # noqa: E402

@@ -1,4 +1,5 @@
-"""What a service remembers across restarts: thresholds set by hand, and the audit trail.
+"""The changes made to a running service, kept across restarts: thresholds set by hand, the
+file a swap chose, and the audit trail. (stpm.record is the other record: the scored parts.)
 
 A threshold is kept beside the model, keyed by the model file's SHA-256: a restart, or a swap
 back to the same file, finds it, and a different model never inherits it. The audit trail is
